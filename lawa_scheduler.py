@@ -106,8 +106,7 @@ def _check_layout(expected: Mapping[str, Tensor], got: Mapping[str, Tensor], whe
         have = got[name]
         if have.shape != want.shape or have.dtype != want.dtype:
             raise ValueError(
-                f"{where}: {name} is {tuple(have.shape)} {have.dtype}, "
-                f"the model's is {tuple(want.shape)} {want.dtype}"
+                f"{where}: {name} is {tuple(have.shape)} {have.dtype}, the model's is {tuple(want.shape)} {want.dtype}"
             )
 
 
@@ -141,6 +140,9 @@ class LawaScheduler:
         start: take no snapshot before this many steps (or epochs) have completed; 0 (default) starts at
             once. With ``every_n_steps`` the snapshots are the steps that are multiples of N and >= start.
         device: where snapshots and sums live (default CPU, so the accelerator holds only the live model).
+
+    The settings are kept as the attributes ``k``, ``every_n_steps``, ``start`` and ``device``; treat them
+    as read-only (``load_state_dict`` checks them against the saved ones).
     """
 
     def __init__(
@@ -252,8 +254,7 @@ class LawaScheduler:
         newest = self._ring[(self._num_snapshots - 1) % self.k]
         n = self.num_averaged
         return {
-            name: (self._sum[name] / n).to(t.dtype) if name in self._sum else t.clone()
-            for name, t in newest.items()
+            name: (self._sum[name] / n).to(t.dtype) if name in self._sum else t.clone() for name, t in newest.items()
         }
 
     def averaged_model(self) -> nn.Module:
@@ -345,7 +346,7 @@ class LawaScheduler:
 
     def _nothing_yet(self) -> str:
         if self.every_n_steps is None:
-            when = f"the first update() at or after epoch {max(self.start, 1)}"
+            when = f"the end of epoch {max(self.start, 1)} (start={self.start})"
         else:
             first = max(self.start, 1)
             first += -first % self.every_n_steps

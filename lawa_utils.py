@@ -664,22 +664,57 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> N
 
 
 def read_results(path: str | os.PathLike):
-    """Read a tidy CSV into a pandas DataFrame; a torn last line (killed writer) is ignored."""
+    """Read one tidy CSV into a pandas DataFrame, checking its columns and types.
+
+    A last line without its newline is the torn write of a killed run: it is dropped with a notice.
+    Columns k and epoch become int, value and wall_seconds float (wall_seconds may be empty), seed a
+    nullable Int64. ``df.attrs["source"]`` names the file for later error messages.
+    """
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
-        raise LawaError(f"{path} does not exist")
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+        raise LawaError(f"{path}: no such file")
     try:
-        df = pd.read_csv(io.StringIO(text))
-    except Exception as exc:
-        raise LawaError(f"{path} is not a readable CSV ({_short(exc)})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LawaError(f"{path}: malformed CSV (not UTF-8 text)") from None
+    if not text.strip():
+        raise LawaError(f"{path}: empty file (expected the header {','.join(RESULT_COLUMNS)})")
+    if not text.endswith("\n") and "\n" in text:
+        text = text[: text.rindex("\n") + 1]
+        print(f"lawa_utils: {path}: dropped a torn last line (the write of a killed run)", file=sys.stderr)
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise LawaError(f"{path}: malformed CSV ({_short(err)})") from None
     missing = [c for c in RESULT_COLUMNS if c not in df.columns]
     if missing:
-        raise LawaError(f"{path} lacks the column(s) {', '.join(missing)} of the tidy schema")
+        raise LawaError(f"{path}: missing column(s) {', '.join(missing)} (a tidy CSV has {','.join(RESULT_COLUMNS)})")
+    df = df.fillna("")  # short rows come back as NaN even with keep_default_na=False
+
+    def require(column, ok, problem):
+        if not ok.all():
+            row = int((~ok).to_numpy().argmax())
+            raise LawaError(f"{path}: line {row + 2}: {column} {df[column].iloc[row]!r} {problem}")
+
+    for column in ("method", "split", "metric"):
+        require(column, df[column].str.strip() != "", "is empty")
+    for column in ("k", "epoch"):
+        numbers = pd.to_numeric(df[column], errors="coerce")
+        require(column, numbers.notna() & (numbers == numbers.round()), "is not an integer")
+        df[column] = numbers.astype("int64")
+    value = pd.to_numeric(df["value"], errors="coerce")
+    require("value", value.notna() | (df["value"].str.lower() == "nan"), "is not a number")
+    df["value"] = value.astype("float64")
+    wall = pd.to_numeric(df["wall_seconds"], errors="coerce")
+    require("wall_seconds", wall.notna() | (df["wall_seconds"] == ""), "is not a number")
+    df["wall_seconds"] = wall.astype("float64")
+    seed = pd.to_numeric(df["seed"], errors="coerce")
+    require("seed", seed.notna() | (df["seed"] == ""), "is not an integer")
+    df["seed"] = seed.astype("Int64")
+    df = df[list(RESULT_COLUMNS)]
+    df.attrs["source"] = str(path)
     return df
 
 

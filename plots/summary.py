@@ -1,0 +1,132 @@
+"""The numbers behind the figures: GPU time saved, best and final metrics, appendix mean ± std over seeds.
+
+    >>> data = summarize(load_inputs("runs/imagenet", "runs/bert", "runs/appendix"))
+    >>> Path("figs/summary.md").write_text(to_markdown(data))
+
+Best is the highest accuracy / lowest loss over epochs, final the value at the last epoch. For the appendix
+each seed's best and final are taken first, then mean ± sample std over seeds (final: the last epoch that
+every seed reached).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from plots import fig5_lawa_vs_lookahead, fig6_uniform_vs_exp
+from plots.figstyle import results_of
+from plots.hours_saved import hours_saved_for_run
+from plots.tidy import Inputs, Run, curve, higher_is_better, pick_k
+
+__all__ = ["summarize", "to_markdown"]
+
+MAIN_METRIC = {"imagenet": "val_acc1", "bert": "val_loss"}
+
+
+def _best(series: pd.Series, higher: bool) -> tuple[float, int]:
+    epoch = series.idxmax() if higher else series.idxmin()
+    return float(series.loc[epoch]), int(epoch)
+
+
+def _run_rows(run: Run, metric: str, seed: int | None) -> list[dict]:
+    higher = higher_is_better(metric)
+    curves = [("baseline", None, run.baseline(metric, seed=seed)[0])]
+    for method in ("lawa", "exp"):
+        if run.has(metric, method):
+            frame = results_of(run, method)
+            for k in sorted(int(k) for k in frame.loc[frame["method"] == method, "k"].unique()):
+                curves.append((method, k, curve(frame, metric, method, k, seed=seed)))
+    rows = []
+    for method, k, series in curves:
+        series = series.dropna()
+        best, best_epoch = _best(series, higher)
+        rows.append({"run": run.name, "metric": metric, "method": method, "k": k, "best": best,
+                     "best_epoch": best_epoch, "final": float(series.iloc[-1]),
+                     "final_epoch": int(series.index[-1])})
+    return rows
+
+
+def _appendix_rows(run: Run, metric: str, k: int | None) -> list[dict]:
+    higher = higher_is_better(metric)
+    lines = fig5_lawa_vs_lookahead.lines(run, metric, k)
+    if run.has(metric, "exp"):
+        lines += [line for line in fig6_uniform_vs_exp.lines(run, metric, k) if line[0] == "exp"]
+    rows = []
+    for kind, label, table in lines:
+        table = table.dropna()
+        if table.empty:
+            continue
+        best = table.max() if higher else table.min()
+        final = table.iloc[-1]
+        rows.append({"metric": metric, "curve": label, "kind": kind, "seeds": [int(s) for s in table.columns],
+                     "n": int(table.shape[1]), "best_mean": float(best.mean()),
+                     "best_std": float(best.std(ddof=1)) if table.shape[1] > 1 else None,
+                     "final_epoch": int(table.index[-1]), "final_mean": float(final.mean()),
+                     "final_std": float(final.std(ddof=1)) if table.shape[1] > 1 else None})
+    return rows
+
+
+def summarize(inputs: Inputs) -> dict:
+    """Everything ``to_markdown`` prints, as JSON-ready dicts."""
+    data = {"hours_saved": [], "best_final": [], "appendix": []}
+    for name, metric in MAIN_METRIC.items():
+        run = getattr(inputs, name)
+        if run is None or not run.has(metric):
+            continue
+        if run.has(metric, "lawa"):
+            k = pick_k(results_of(run, "lawa"), "lawa", inputs.k, default=6)
+            result, info = hours_saved_for_run(run, metric, "lawa", k, seed=inputs.seed, gpus=inputs.gpus,
+                                               timing_required=False)
+            record = {k: v for k, v in result.to_dict().items() if k != "per_epoch"}
+            data["hours_saved"].append({"run": name, **info, **record})
+        for other in ("val_acc1", "val_acc5", "val_loss"):
+            if run.has(other):
+                data["best_final"] += _run_rows(run, other, inputs.seed)
+    run = inputs.appendix
+    if run is not None:
+        for metric in ("val_acc1", "val_loss"):
+            if run.has(metric):
+                data["appendix"] += _appendix_rows(run, metric, inputs.appendix_k)
+    return data
+
+
+def _formatter(metric: str, typical: float):
+    """Accuracies in percent with two decimals (stored as fractions or as percent); losses with four."""
+    if metric.split("_", 1)[1].startswith("acc"):
+        scale = 100 if typical <= 1 else 1
+        return lambda v: "-" if v is None else f"{scale * v:.2f}"
+    return lambda v: "-" if v is None else f"{v:.4f}"
+
+
+def _pm(mean: float, std: float | None, metric: str) -> str:
+    fmt = _formatter(metric, mean)
+    return fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
+
+
+def to_markdown(data: dict) -> str:
+    """Three tables: GPU time saved, best/final per run, appendix mean ± std over seeds."""
+    out = ["# Summary", ""]
+    if data["hours_saved"]:
+        out += ["## GPU time saved (largest horizontal gap, paper definition; see plots/hours_saved.py)", "",
+                "| run | metric | averaged | maximum saved | timing |", "|---|---|---|---|---|"]
+        out += [f"| {h['run']} | {h['metric']} | {h['label']} | {h['headline']} | {h['timing']} |"
+                for h in data["hours_saved"]]
+        out += ["", "'≥' marks a lower bound: the baseline never reached that value within its run.", ""]
+    if data["best_final"]:
+        out += ["## Best and final (accuracies in %)", "",
+                "| run | metric | method | k | best (epoch) | final (epoch) |", "|---|---|---|---|---|---|"]
+        for r in data["best_final"]:
+            fmt = _formatter(r["metric"], r["best"])
+            out.append(f"| {r['run']} | {r['metric']} | {r['method']} | {r['k'] or ''} | "
+                       f"{fmt(r['best'])} ({r['best_epoch']}) | {fmt(r['final'])} ({r['final_epoch']}) |")
+        out.append("")
+    if data["appendix"]:
+        out += ["## Appendix B/C runs: mean ± std over seeds (accuracies in %)", "",
+                "| metric | curve | seeds | best | final (epoch) |", "|---|---|---|---|---|"]
+        for r in data["appendix"]:
+            best, final = _pm(r["best_mean"], r["best_std"], r["metric"]), _pm(
+                r["final_mean"], r["final_std"], r["metric"])
+            out.append(f"| {r['metric']} | {r['curve']} | {r['n']} | {best} | {final} ({r['final_epoch']}) |")
+        out.append("")
+    if len(out) == 2:
+        out += ["No inputs.", ""]
+    return "\n".join(out)

@@ -56,6 +56,7 @@ __all__ = [
     "atomic_write",
     "average_main",
     "average_state_dicts",
+    "check_compatible",
     "check_finite",
     "find_checkpoints",
     "iter_window_averages",
@@ -368,7 +369,7 @@ def method_weights(method: str, k: int, alpha: float = 0.9) -> list[float]:
     raise LawaError(f"unknown averaging method '{method}' (choose uni or exp)")
 
 
-def _check_compatible(ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], names: tuple[str, str]):
+def check_compatible(ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], names: tuple[str, str]):
     if ref.keys() != state.keys():
         only_ref = sorted(set(ref) - set(state))
         only_new = sorted(set(state) - set(ref))
@@ -412,7 +413,7 @@ def average_state_dicts(
         raise LawaError(f"weights must be finite, got {weights}")
     newest = states[-1]
     for state, name in zip(states[:-1], names[:-1], strict=True):
-        _check_compatible(newest, state, (names[-1], name))
+        check_compatible(newest, state, (names[-1], name))
     out: dict[str, torch.Tensor] = {}
     for key, ref in newest.items():
         if not ref.is_floating_point():
@@ -522,7 +523,7 @@ def iter_window_averages(
         if reference is None:
             reference = (name, state)
         else:
-            _check_compatible(reference[1], state, (reference[0], name))
+            check_compatible(reference[1], state, (reference[0], name))
         check_finite(state, name)
         held[epoch] = state
         if epoch in todo:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# LAWA for masked-LM pre-training, end to end: data -> RoBERTa with a checkpoint every epoch -> the (E, k)
+# sweep of the masked-LM loss of θ_E^LAWA (the k latest checkpoints averaged) and of the plain checkpoints.
+# Results: $OUT/results.csv (sweep) and $OUT/log.csv (training log), both in the repository's tidy schema.
+#
+#   bash bert/reproduce_results.sh           # embedded: tiny RoBERTa on Penn Treebank, on the CPU
+#   WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash bert/reproduce_results.sh   # the paper
+#   CKPT_DIR=/data/lawa-roberta DATA=/data/data-bin/wikitext-103 bash bert/reproduce_results.sh     # sweep only
+#
+# Embedded: the first 3500 PTB training sentences, 40 epochs of a 2-layer, width-64 RoBERTa (train.sh's tiny
+# preset: 16 sequences of ≤128 tokens per update, LR 2e-3 decaying over 3× the run), the sweep over
+# k = 2, 4, 6, 8 at every epoch on the first 1000 validation sentences. Sized after the pilots in
+# bert/README.md so that the baseline is noisy and overfits late in the run, the regime in which the paper
+# finds LAWA ahead.
+# Hardware: 2 CPU cores (shared), no GPU. Measured: see bert/README.md ("Embedded run"): ~6 min of CPU time;
+# the script prints its own wall time at the end.
+# Paper: 4× RTX 3090, ~10 min per epoch, 200 epochs (the paper); the sweep reads each 1.6 GB checkpoint once.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$REPO/.venv/bin/python"                    # the interpreter set up by setup.sh
+OUT="${OUT:-$REPO/runs/bert}"                  # everything this script writes goes below this folder
+WIKITEXT="${WIKITEXT:-}"                       # wikitext-103-raw folder: the paper's data and recipe
+CKPT_DIR="${CKPT_DIR:-}"                       # an existing trajectory (checkpoint{E}.pt): only the sweep
+DATA="${DATA:-}"                               # fairseq data for CKPT_DIR (default: the path in its checkpoints)
+PRESET="$([ -n "$WIKITEXT" ] && echo paper || echo tiny)"   # train.sh preset: the paper's with WIKITEXT
+GPUS="$([ "$PRESET" = paper ] && echo "${GPUS:-1}" || echo 0)"   # paper: GPUs on this node; embedded: CPU
+EPOCHS="${EPOCHS:-$([ "$PRESET" = paper ] && echo 200 || echo 40)}"   # training epochs
+PTB_TRAIN_LINES="${PTB_TRAIN_LINES:-3500}"     # embedded: training sentences (a tenth of PTB: overfits)
+PTB_VALID_LINES="${PTB_VALID_LINES:-1000}"     # embedded: validation sentences (~22k tokens)
+KS="${KS:-$([ "$PRESET" = paper ] && echo 2,4,6,8,10 || echo 2,4,6,8)}"   # LAWA window sizes k swept
+TRAIN_BATCHES="${TRAIN_BATCHES:-$([ "$PRESET" = paper ] && echo 50 || echo 8)}"   # batches for train loss
+EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-16}"       # sequences per evaluation batch (fairseq-validate --batch-size)
+
+START=$(date +%s)
+bash "$REPO/setup.sh"
+mkdir -p "$OUT"
+
+if [ -z "$CKPT_DIR" ]; then
+    DATA="$OUT/data-bin"
+    WIKITEXT="$WIKITEXT" DATA_DIR="$DATA" PTB_TRAIN_LINES="$PTB_TRAIN_LINES" PTB_VALID_LINES="$PTB_VALID_LINES" \
+        bash "$REPO/bert/prepare_data.sh"
+    CKPT_DIR="$OUT/checkpoints"
+    if [ -f "$CKPT_DIR/checkpoint$EPOCHS.pt" ]; then
+        echo "reproduce_results.sh: $CKPT_DIR already holds the $EPOCHS epochs; skipping training"
+    else
+        PRESET="$PRESET" GPUS="$GPUS" DATA="$DATA" SAVE_DIR="$CKPT_DIR" LOG_CSV="$OUT/log.csv" \
+            MAX_EPOCH="$EPOCHS" bash "$REPO/bert/train.sh"
+    fi
+elif [ -n "$WIKITEXT" ] && [ -z "$DATA" ]; then   # the published trajectory, with data prepared here
+    DATA="$OUT/data-bin"
+    WIKITEXT="$WIKITEXT" DATA_DIR="$DATA" bash "$REPO/bert/prepare_data.sh"
+fi
+
+# CPU: one torch thread, as train.sh's CPU_THREADS (the tiny model gains nothing from a second one).
+[ "$PRESET" = paper ] || export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$PY" "$REPO/bert/evaluate_lawa.py" ${DATA:+"$DATA"} --ckpt-dir "$CKPT_DIR" --ks "$KS" \
+    --train-batches "$TRAIN_BATCHES" --batch-size "$EVAL_BATCH_SIZE" --out "$OUT/results.csv"
+echo "reproduce_results.sh: done in $(( $(date +%s) - START )) s -> $OUT/results.csv, $OUT/log.csv"

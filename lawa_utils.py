@@ -463,10 +463,10 @@ def _plan_cells(
     for e in ends:
         if e not in checkpoints:
             raise LawaError(f"end epoch {e} has no checkpoint (have {epochs[0]}..{epochs[-1]})")
-    longest = len(epochs)
+    span = epochs[-1] - first + 1
     for k in ks:
-        if k > longest:
-            raise LawaError(f"k={k} is larger than the trajectory ({longest} checkpoints)")
+        if k > span:
+            raise LawaError(f"k={k} is larger than the trajectory (epochs {first}..{epochs[-1]})")
     cells = []
     for e in ends:
         for k in ks:

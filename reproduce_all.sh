@@ -57,13 +57,14 @@ appendix() {
                 rm -rf "$dir"; mkdir -p "$dir"
                 "$PY" "$REPO/imagenet/main.py" "$data" -a resnet18 --epochs "$APX_EPOCHS" -b 128 --lr "$APX_LR" \
                     --wd 5e-4 --seed "$seed" --train-subset "$APX_SUBSET" --image-size "$APX_IMAGE_SIZE" \
-                    --optimizer "$opt" --save-dir "$dir"
+                    --val-subset 2000 --eval-batch-size 1000 -j 0 --optimizer "$opt" --save-dir "$dir"
             fi
             if [ "$opt" = sgd ]; then
                 "$PY" "$REPO/imagenet/evaluate_lawa.py" "$data" --ckpt-dir "$dir" --ks "$APX_K" --method uni \
-                    --image-size "$APX_IMAGE_SIZE" --out "$dir/results.csv"
+                    -j 0 --eval-batch-size 1000 --bn-batches 16 --train-eval-subset 0 --out "$dir/results.csv"
                 "$PY" "$REPO/imagenet/evaluate_lawa.py" "$data" --ckpt-dir "$dir" --ks "$APX_K" --method exp \
-                    --image-size "$APX_IMAGE_SIZE" --out "$dir/results.csv"
+                    -j 0 --eval-batch-size 1000 --bn-batches 16 --train-eval-subset 0 --no-baseline \
+                    --out "$dir/results.csv"
             fi
         done
     done
@@ -71,7 +72,7 @@ appendix() {
 
 figures() {
     "$PY" "$REPO/plots/make_figures.py" --imagenet "$OUT/imagenet" --bert "$OUT/bert" \
-        --appendix "$OUT/appendix" --out "$OUT/figures" ${GPUS:+--gpus "$GPUS"}
+        --appendix "$OUT/appendix" --appendix-k "$APX_K" --out "$OUT/figures" ${GPUS:+--gpus "$GPUS"}
 }
 
 TOTAL_START=$(date +%s)

@@ -224,7 +224,9 @@ def with_model_state(template: Any, fmt: str, state: Mapping[str, torch.Tensor],
 def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
     """Refuse NaN/Inf weights: averaging a diverged checkpoint silently poisons every window it is in."""
     for key, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # t.sum() is one cheap pass and is NaN/Inf whenever an element is; isfinite(t) allocates full-size
+        # temporaries (≈20× slower, benchmarks/), so it only confirms (a finite tensor whose sum overflows).
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
             raise LawaError(f"{name}: tensor '{key}' has NaN/Inf values; refusing to average it")
 
 
@@ -383,7 +385,7 @@ def check_compatible(ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.
 
 
 def average_state_dicts(
-    states: Sequence[Mapping[str, torch.Tensor]],
+    states: Iterable[Mapping[str, torch.Tensor]],
     weights: Sequence[float] | None = None,
     *,
     names: Sequence[str] | None = None,
@@ -393,6 +395,8 @@ def average_state_dicts(
     Floating tensors are accumulated in float32 (float64 stays float64) and returned in their own dtype;
     integer tensors (BatchNorm ``num_batches_tracked``, step counters) are copied from the newest, last,
     state dict, never divided. Keys and shapes must match; ``names`` label the inputs in errors.
+    ``states`` may be a generator: the states are consumed one at a time into the running sum, so only
+    the sum and one state need to be in memory (``main`` loads each checkpoint file this way).
     In-place float32 accumulation keeps the relative error ≤ 3e-7 for k = 64 (tests/test_lawa_utils.py);
     float64 accumulation measured 10–20× slower here (NOTES.md), so it is not used.
 
@@ -400,31 +404,41 @@ def average_state_dicts(
     >>> average_state_dicts([a, b])["w"]
     tensor([2.])
     """
-    states = list(states)
-    if not states:
-        raise LawaError("nothing to average: no state dicts given")
-    names = list(names) if names is not None else [f"state dict #{i}" for i in range(len(states))]
-    if weights is None:
-        weights = [1.0 / len(states)] * len(states)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(states):
-        raise LawaError(f"{len(weights)} weights given for {len(states)} state dicts")
-    if not all(math.isfinite(w) for w in weights):
-        raise LawaError(f"weights must be finite, got {weights}")
-    newest = states[-1]
-    for state, name in zip(states[:-1], names[:-1], strict=True):
-        check_compatible(newest, state, (names[-1], name))
-    out: dict[str, torch.Tensor] = {}
-    for key, ref in newest.items():
-        if not ref.is_floating_point():
-            out[key] = ref.clone()
-            continue
-        acc_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        acc = torch.zeros(ref.shape, dtype=acc_dtype)
-        for state, w in zip(states, weights, strict=True):
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if not all(math.isfinite(w) for w in weights):
+            raise LawaError(f"weights must be finite, got {weights}")
+    acc: dict[str, torch.Tensor] = {}
+    first: tuple[str, Mapping[str, torch.Tensor]] | None = None
+    newest: Mapping[str, torch.Tensor] = {}
+    n = 0
+    for n, state in enumerate(states, start=1):
+        name = names[n - 1] if names is not None else f"state dict #{n - 1}"
+        if weights is not None and n > len(weights):
+            raise LawaError(f"{len(weights)} weights given for more state dicts ({name} has none)")
+        if first is None:
+            first = (name, {k: t.to("meta") for k, t in state.items()})  # shapes only, no memory
+            for key, t in state.items():
+                if t.is_floating_point():
+                    acc[key] = torch.zeros(t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        else:
+            check_compatible(first[1], state, (first[0], name))
+        w = 1.0 if weights is None else weights[n - 1]
+        for key, a in acc.items():
             t = state[key]
-            acc.add_(t if t.dtype == acc_dtype else t.to(acc_dtype), alpha=w)
-        out[key] = acc if acc_dtype == ref.dtype else acc.to(ref.dtype)
+            a.add_(t if t.dtype == a.dtype else t.to(a.dtype), alpha=w)
+        newest = state
+    if n == 0:
+        raise LawaError("nothing to average: no state dicts given")
+    if weights is not None and n != len(weights):
+        raise LawaError(f"{len(weights)} weights given for {n} state dicts")
+    out: dict[str, torch.Tensor] = {}
+    for key, t in newest.items():
+        if key not in acc:
+            out[key] = t.clone()
+            continue
+        avg = acc[key].div_(n) if weights is None else acc[key]
+        out[key] = avg if avg.dtype == t.dtype else avg.to(t.dtype)
     return out
 
 
@@ -771,15 +785,18 @@ def _average_command(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.force:
         raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
     weights = method_weights(args.method, len(files), args.alpha)
-    states, newest = [], None
-    for f in files:
-        obj = load_checkpoint(f, trust=args.trust_checkpoints)
-        fmt, state = split_checkpoint(obj, name=str(f))
-        check_finite(state, str(f))
-        states.append(state)
-        newest = (obj, fmt)
-    averaged = average_state_dicts(states, weights, names=[str(f) for f in files])
-    obj, fmt = newest
+    loaded: dict[str, Any] = {}
+
+    def states():  # one file at a time: each memory-mapped checkpoint is released before the next
+        for f in files:
+            obj = load_checkpoint(f, trust=args.trust_checkpoints)
+            loaded["fmt"], state = split_checkpoint(obj, name=str(f))
+            check_finite(state, str(f))
+            loaded["newest"] = obj  # the output's template: non-model state from the newest input
+            yield state
+
+    averaged = average_state_dicts(states(), weights, names=[str(f) for f in files])
+    obj, fmt = loaded["newest"], loaded["fmt"]
     provenance = {"lawa": {"files": [str(f) for f in files], "weights": weights, "method": args.method}}
     out_obj = with_model_state(obj, fmt, averaged, **({} if fmt == "plain" else provenance))
     save_checkpoint(out_obj, args.out, force=args.force)

@@ -15,7 +15,7 @@ machine's load falls on all of them): no scheduler; ``update()`` once per epoch 
 
 The average is checked against ``lawa_utils.average_state_dicts`` of the last k snapshots.
 
-    python -m benchmarks.scheduler            # ≈5 min on 2 busy cores
+    python -m benchmarks.scheduler            # ≈3 min at load 11 on 2 cores
     python -m benchmarks.scheduler --quick
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import sys
 import time
 
@@ -205,8 +206,24 @@ def summarize(report, args, specs, memory_rows, model_bytes, steady, ks) -> None
         (med(n, "update_seconds") / (args.steps_per_epoch * plain_step) for n in specs if n.startswith("per-epoch")),
         default=float("nan"),
     )
-    report.goal(f"per-step overhead, per-epoch updates ({args.steps_per_epoch}-step epochs)", f"{100 * worst:.2f}%",
-                "≤ 1%", worst <= 0.01)
+    report.goal(f"per-step overhead, per-epoch updates ({args.steps_per_epoch}-step epochs, as measured)",
+                f"{100 * worst:.2f}%", "≤ 1%", worst <= 0.01)
+    # The overhead of one snapshot per epoch is snapshot ÷ (steps × step): report it for real epoch lengths.
+    snapshot = max(med(n, "update_seconds") for n in specs if n.startswith("per-epoch"))
+    break_even = math.ceil(snapshot / (0.01 * plain_step))
+    report.goal("per-step overhead, per-epoch updates: epoch length from which it is ≤ 1%", f"{break_even} steps",
+                "≤ 32 steps (this repo's shortest real epochs)", break_even <= 32)
+    report.tables["Per-step overhead of per-epoch updates vs epoch length (slowest measured snapshot, plain step)"] = [
+        {"steps per epoch": steps, "example": example,
+         "overhead per step": f"{100 * snapshot / (steps * plain_step):.3f}%"}
+        for steps, example in [
+            (args.steps_per_epoch, "this benchmark"),
+            (break_even, "break-even for 1%"),
+            (32, "this repo's Fashion-MNIST runs (4096 images, batch 128)"),
+            (391, "CIFAR, 50k images, batch 128"),
+            (5005, "ImageNet, batch 256"),
+        ]
+    ]
     k_small, k_large = ks
     small, large = common.median(steady[k_small]), common.median(steady[k_large])
     report.tables["update() cost, ring full (interleaved calls on one model)"] = [

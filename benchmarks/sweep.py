@@ -12,10 +12,12 @@ temporary directory under /tmp, then produces every (E, k) window average for k 
   (a fresh sample every repeat), warm (its best case), and the full sweep's time is extrapolated from the
   mean time per cell of each k; ``--baseline-all`` times every cell instead.
 
+``--patched PATH`` adds ``patched warm``: the one-pass sweep of a modified copy of lawa_utils.py (a proposal).
+
 Correctness: every cell the one-pass sweep yields is compared (outside the timers) with the seed's arithmetic
 on the same weights held in memory; the timed baseline cells are compared with the same reference.
 
-    python -m benchmarks.sweep                    # ≈10–15 min on 2 busy cores; 6 GB of /tmp
+    python -m benchmarks.sweep                    # ≈6 min at load 4–5 on 2 cores; 6 GB of /tmp
     python -m benchmarks.sweep --model resnet18   # the same at 45% of the size
     python -m benchmarks.sweep --quick            # seconds; checks that it works
 """

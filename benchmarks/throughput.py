@@ -14,7 +14,7 @@ state dict is a set of views into one flat tensor, so the roofline below reads e
 Throughput is GB of *input* per second: k × 102 MB / time (an add also reads and writes the accumulator, so
 memory traffic is up to 3× that). The variants alternate within every repeat; medians are reported.
 
-    python -m benchmarks.throughput          # ≈1 min
+    python -m benchmarks.throughput          # ≈15 s
     python -m benchmarks.throughput --quick
 """
 

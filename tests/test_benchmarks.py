@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import baselines, common
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is a package at the repository root, not an installed one
+
+from benchmarks import baselines, common  # noqa: E402
+
 SCRIPTS = ["sweep", "fairseq_average", "throughput", "scheduler"]
 
 
@@ -69,6 +71,21 @@ def test_baseline_mean_is_the_plain_average_with_integers_from_the_newest():
     assert mean.keys() == {"w", "n"}
     assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and mean["n"].item() == 7
     assert torch.equal(states[0]["module.w"], torch.tensor([1.0, 2.0])), "inputs must not be modified"
+
+
+def test_fairseq_baselines_average_the_model_and_keep_the_rest(tmp_path):
+    files = []
+    for i, value in enumerate([1.0, 2.0, 6.0]):
+        ckpt = {"model": {"w": torch.full((3,), value)}, "extra_state": {"epoch": i}, "cfg": {"lr": 0.1}}
+        files.append(tmp_path / f"checkpoint{i}.pt")
+        torch.save(ckpt, files[-1])
+    load_all, streaming = baselines.average_load_all(files), baselines.average_streaming(files)
+    assert torch.equal(load_all["model"]["w"], torch.full((3,), 3.0))
+    assert torch.equal(streaming["model"]["w"], torch.full((3,), 3.0))
+    assert load_all["extra_state"]["epoch"] == 2, "load-all keeps the newest file's entries"
+    assert streaming["extra_state"]["epoch"] == 0, "streaming keeps the first file's, as fairseq's script does"
+    baselines.save_durably(load_all, tmp_path / "avg.pt")
+    assert torch.equal(torch.load(tmp_path / "avg.pt")["model"]["w"], torch.full((3,), 3.0))
 
 
 def test_max_abs_diff_is_infinite_when_keys_or_integers_differ():

@@ -120,8 +120,9 @@ def test_sweep_equals_from_scratch_windows_and_reads_each_file_once(tmp_path, me
     assert sorted(reads) == sorted(paths.values())  # every checkpoint exactly once
     expected_cells = [(e, k) for e in range(1, 8) for k in (1, 2, 3, 5) if e - k + 1 >= 1]
     assert [(e, k) for e, k, _ in cells] == expected_cells
+    loaded = {e: lu.load_model_state(p) for e, p in paths.items()}
     for end, k, state in cells:
-        window = [lu.load_model_state(paths[i]) for i in lu.window(end, k)]
+        window = [loaded[i] for i in lu.window(end, k)]
         ref = lu.average_state_dicts(window, lu.method_weights(method, k, 0.8))
         assert state.keys() == ref.keys()
         for key in ref:

@@ -142,7 +142,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, mmap: bool 
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        # The context manager restores the allowlist on exit, so entries registered before (e.g. by the
+        # fairseq plugin for fairseq's own loader) must not be part of it, or they would be removed.
+        already = set(torch.serialization.get_safe_globals())
+        with torch.serialization.safe_globals([g for g in SAFE_GLOBALS if g not in already]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc) and "GLOBAL" in str(exc):

@@ -3,13 +3,16 @@
 #
 #   bash reproduce_all.sh                      # embedded defaults (Fashion-MNIST, Penn Treebank) on CPU
 #   OUT=/path FORCE=1 bash reproduce_all.sh    # another output folder; rerun every stage
-#   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103 GPUS=4 bash reproduce_all.sh   # paper scale
+#   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash reproduce_all.sh
 #   CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # only sweep a published/your own ImageNet trajectory
 #
-# Stages: set-up → imagenet/ (train + (E,k) sweep) → bert/ (train + sweep) → Appendix B/C (SGD vs
-# Lookahead vs LAWA, uniform vs exponential, 3 seeds) → figures, GPU-hours-saved table and summary.
-# A finished stage leaves $OUT/.done-<stage> and is skipped on a rerun (FORCE=1 reruns everything;
-# delete one stamp to rerun one stage). A per-stage time summary is printed at the end.
+# Stages: set-up → imagenet/ (train + (E,k) sweep) ‖ bert/ (train + sweep) → Appendix B/C (SGD vs
+# Lookahead vs LAWA, uniform vs exponential, 3 seeds) → other averaging methods (EMA, SWA, EWA, TWA) on the
+# appendix trajectories → figures, GPU-hours-saved table and summary.
+# Small models gain little from a second thread, and two single-threaded processes use both cores fully:
+# independent jobs run in LANES parallel lanes of one thread each (imagenet ‖ bert; appendix runs; methods).
+# Output lines carry a [stage] prefix. A finished stage leaves $OUT/.done-<stage> and is skipped on a rerun
+# (FORCE=1 reruns everything; delete one stamp to rerun one stage). A time summary is printed at the end.
 # Hardware: 2 CPU cores, no GPU. Measured: see README ("Time").
 set -euo pipefail
 
@@ -18,6 +21,8 @@ OUT="${OUT:-$REPO/out}"                  # everything this job writes goes below
 FORCE="${FORCE:-0}"                      # 1: ignore the stage stamps and rerun every stage
 SEEDS="${SEEDS:-0 1 2}"                  # seeds of the Appendix B/C comparison
 PY="$REPO/.venv/bin/python"              # the interpreter set up by setup.sh
+LANES="${LANES:-2}"                      # independent jobs run at once (one per core)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # threads per process: LANES × this = the cores
 
 # Appendix B/C at embedded scale: a smaller Fashion-MNIST run per seed and optimizer (the paper: CIFAR-100,
 # ResNet-34, 200 epochs, Lookahead alpha=0.8 k=5, LAWA k=10). Sized to fit the 20-minute budget.
@@ -28,45 +33,78 @@ APX_K="${APX_K:-4}"                      # LAWA window for the appendix comparis
 APX_LR="${APX_LR:-0.4}"                  # peak learning rate (high, so SGD's iterates oscillate)
 
 mkdir -p "$OUT"
-declare -a STAGE_NAMES=() STAGE_SECONDS=()
+RUN_START=$(date +%s)
 
-# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; record the wall time.
+# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; the stamp holds the stage's wall seconds.
 run_stage() {
     local name="$1"; shift
     local stamp="$OUT/.done-$name" start
-    if [ "$FORCE" != 1 ] && [ -f "$stamp" ]; then
+    if [ "$FORCE" != 1 ] && [ -f "$stamp" ] && [ "$(stat -c %Y "$stamp")" -lt "$RUN_START" ]; then
         echo "== $name: already done ($(cat "$stamp") s); FORCE=1 or rm $stamp to rerun"
-        STAGE_NAMES+=("$name (reused)"); STAGE_SECONDS+=(0); return
+        return
     fi
-    echo "== $name"
+    echo "== $name: started $(date +%H:%M:%S)"
     start=$(date +%s)
-    "$@"
-    local took=$(( $(date +%s) - start ))
-    echo "$took" > "$stamp"
-    STAGE_NAMES+=("$name"); STAGE_SECONDS+=("$took")
+    "$@" 2>&1 | sed -u "s/^/[$name] /"
+    echo $(( $(date +%s) - start )) > "$stamp"
+    echo "== $name: done in $(cat "$stamp") s"
+}
+
+# in_lanes: run the queued commands (one per line on stdin, each a function call) LANES at a time.
+in_lanes() {
+    local job failed=0
+    while IFS= read -r job; do
+        while [ "$(jobs -rp | wc -l)" -ge "$LANES" ]; do wait -n || failed=1; done
+        eval "$job" &
+    done
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+    return "$failed"
+}
+
+# appendix_run SEED OPT: one appendix trajectory (reused when finished) and, for SGD, its LAWA sweeps.
+appendix_run() {
+    local seed="$1" opt="$2" data="${IMAGENET:-fashion-mnist}"
+    local dir="$OUT/appendix/seed$seed/$opt"
+    if [ ! -f "$dir/checkpoint$APX_EPOCHS.pt" ]; then   # a finished run is reused
+        rm -rf "$dir"; mkdir -p "$dir"
+        "$PY" "$REPO/imagenet/main.py" "$data" -a resnet18 --epochs "$APX_EPOCHS" -b 128 --lr "$APX_LR" \
+            --wd 5e-4 --seed "$seed" --train-subset "$APX_SUBSET" --image-size "$APX_IMAGE_SIZE" \
+            --val-subset 2000 --eval-batch-size 1000 -j 0 -p 1000 --optimizer "$opt" --save-dir "$dir" \
+            > "$dir/train.out" 2>&1 || { tail -5 "$dir/train.out"; return 1; }
+    fi
+    if [ "$opt" = sgd ]; then
+        local sweep=("$REPO/imagenet/evaluate_lawa.py" "$data" --ckpt-dir "$dir" --ks "$APX_K" -j 0
+                     --eval-batch-size 1000 --bn-batches 16 --train-eval-subset 0 --out "$dir/results.csv")
+        { "$PY" "${sweep[@]}" --method uni && "$PY" "${sweep[@]}" --method exp --no-baseline; } \
+            > "$dir/sweep.out" 2>&1 || { tail -5 "$dir/sweep.out"; return 1; }
+    fi
+    echo "seed $seed $opt: $(tail -1 "$dir/log.csv")"
 }
 
 appendix() {
-    local data="${IMAGENET:-fashion-mnist}" seed opt dir
+    local seed opt
+    for seed in $SEEDS; do for opt in sgd lookahead; do echo "appendix_run $seed $opt"; done; done | in_lanes
+}
+
+# Averaging methods beside LAWA (issue 8), post hoc on each appendix seed's SGD trajectory, into the results.csv
+# that holds its baseline, lawa and exp rows (fig7 and summary.md compare them): EMA with LAWA's effective window
+# (d = 1 − 1/k), SWA from half the run, EWA (k checkpoints 2 epochs apart) and TWA trained for 2 epochs (32
+# steps) in the span of the checkpoints SWA averages at the end. Evaluated as the appendix sweeps (16 BatchNorm
+# batches, 2000 val images). Measured: 267 CPU-seconds for 3 seeds, one thread per process (≈4.5 min on 2 cores).
+methods() {
+    local data="${IMAGENET:-fashion-mnist}" seed dir on
+    local -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # small models: a 2nd thread gains little, costs much when shared
+    local half=$(( APX_EPOCHS / 2 ))                    # SWA averages half..E; TWA trains in span(θ_half … θ_last)
+    local decay; decay="$(awk "BEGIN { print 1 - 1 / $APX_K }")"   # EMA's effective window 1/(1−d) = APX_K
     for seed in $SEEDS; do
-        for opt in sgd lookahead; do
-            dir="$OUT/appendix/seed$seed/$opt"
-            mkdir -p "$dir"
-            echo "-- appendix: seed $seed, $opt"
-            if [ ! -f "$dir/checkpoint$APX_EPOCHS.pt" ]; then   # a finished run is reused
-                rm -rf "$dir"; mkdir -p "$dir"
-                "$PY" "$REPO/imagenet/main.py" "$data" -a resnet18 --epochs "$APX_EPOCHS" -b 128 --lr "$APX_LR" \
-                    --wd 5e-4 --seed "$seed" --train-subset "$APX_SUBSET" --image-size "$APX_IMAGE_SIZE" \
-                    --val-subset 2000 --eval-batch-size 1000 -j 0 --optimizer "$opt" --save-dir "$dir"
-            fi
-            if [ "$opt" = sgd ]; then
-                "$PY" "$REPO/imagenet/evaluate_lawa.py" "$data" --ckpt-dir "$dir" --ks "$APX_K" --method uni \
-                    -j 0 --eval-batch-size 1000 --bn-batches 16 --train-eval-subset 0 --out "$dir/results.csv"
-                "$PY" "$REPO/imagenet/evaluate_lawa.py" "$data" --ckpt-dir "$dir" --ks "$APX_K" --method exp \
-                    -j 0 --eval-batch-size 1000 --bn-batches 16 --train-eval-subset 0 --no-baseline \
-                    --out "$dir/results.csv"
-            fi
-        done
+        dir="$OUT/appendix/seed$seed/sgd"
+        echo "-- methods: seed $seed"
+        on=("$data" --ckpt-dir "$dir" --out "$dir/results.csv" -j 0 --eval-batch-size 1000 --bn-batches 16
+            --train-eval-subset 0)                      # evaluated as the appendix sweeps
+        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ema --decays "$decay" --epochs "$APX_K:$APX_EPOCHS"
+        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method swa --swa-starts "$half"
+        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ewa --ks "$APX_K" --spacing 2
+        "$PY" "$REPO/imagenet/train_twa.py" "${on[@]}" --range "$half:$APX_EPOCHS" --epochs 2
     done
 }
 
@@ -75,16 +113,18 @@ figures() {
         --appendix "$OUT/appendix" --appendix-k "$APX_K" --out "$OUT/figures" ${GPUS:+--gpus "$GPUS"}
 }
 
-TOTAL_START=$(date +%s)
 START=$(date +%s); bash "$REPO/setup.sh"   # always: idempotent, seconds when everything is installed
-STAGE_NAMES+=(setup); STAGE_SECONDS+=($(( $(date +%s) - START )))
-run_stage imagenet env OUT="$OUT/imagenet" bash "$REPO/imagenet/reproduce_results.sh"
-run_stage bert env OUT="$OUT/bert" bash "$REPO/bert/reproduce_results.sh"
+echo "setup: $(( $(date +%s) - START )) s"
+printf '%s\n' "run_stage imagenet env OUT=\"$OUT/imagenet\" bash \"$REPO/imagenet/reproduce_results.sh\"" \
+    "run_stage bert env OUT=\"$OUT/bert\" bash \"$REPO/bert/reproduce_results.sh\"" | in_lanes
 run_stage appendix appendix
+run_stage methods methods
 run_stage figures figures
 
 echo
-echo "== time per stage (s)"
-for i in "${!STAGE_NAMES[@]}"; do printf '  %-22s %6s\n' "${STAGE_NAMES[$i]}" "${STAGE_SECONDS[$i]}"; done
-printf '  %-22s %6s\n' total $(( $(date +%s) - TOTAL_START ))
+echo "== wall seconds per stage (imagenet and bert ran side by side)"
+for name in imagenet bert appendix methods figures; do
+    printf '  %-10s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo '-')"
+done
+printf '  %-10s %6s   (this invocation, set-up included)\n' total $(( $(date +%s) - RUN_START ))
 echo "results: $OUT (figures and summary in $OUT/figures)"

@@ -2,7 +2,7 @@
 """The LAWA sweep over a fairseq masked-LM trajectory: every end epoch E × every window size k, plus the baseline.
 
 For each E and k the k latest checkpoints θ_{E−k+1} … θ_E are averaged (``lawa_utils.iter_window_averages``:
-model tensors only, every file read once per method) and the masked-LM loss is computed exactly as
+model tensors only, every file read once) and the masked-LM loss is computed exactly as
 ``fairseq-validate`` computes it: fairseq's own task, model and criterion, built once from a checkpoint of the
 trajectory; the same batches (``--batch-size``, size-sorted, unshuffled) and the same masks (the masking seed
 stored in the checkpoints, epoch 1); ``task.valid_step`` and ``task.reduce_metrics``. Losses are in bits, as
@@ -24,19 +24,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import os
 import pickle
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lawa_plugin  # registers the safe globals fairseq checkpoints need, before fairseq loads any
 import torch
 from tqdm import tqdm
 
-from lawa_utils import LawaError, append_rows, find_checkpoints, iter_window_averages, read_results
+from lawa_utils import (
+    LawaError,
+    append_rows,
+    atomic_write,
+    find_checkpoints,
+    iter_window_averages,
+    read_results,
+    run_info,
+)
 
 PROG = "evaluate_lawa.py"
 SPLIT_NAMES = {"val": "validation", "train": "training"}
@@ -118,7 +128,9 @@ def _unsafe_loading(allowed: bool):
 def load_fairseq(template: Path, data: str | None, trust: bool = False):
     """``(task, model, criterion, cfg)`` as fairseq-validate builds them from ``template`` (DATA overrides
     the data folder recorded in it). The model's weights are replaced cell by cell afterwards."""
-    from fairseq import checkpoint_utils
+    with warnings.catch_warnings():  # fairseq 0.12 uses APIs torch 2.x deprecates: noise, not news for users
+        warnings.simplefilter("ignore", FutureWarning)
+        from fairseq import checkpoint_utils
 
     overrides = {"data": str(data)} if data else None
     lawa_plugin.register()  # again: a safe_globals() block elsewhere in this process may have removed them
@@ -168,7 +180,9 @@ def fixed_batches(task, model, cfg, subset: str, batch_size: int, max_batches: i
         num_workers=0,
     )
     if not max_batches:
-        return list(epoch_itr.next_epoch_itr(shuffle=False))
+        with warnings.catch_warnings():  # fairseq asks for pinned memory even on machines without a GPU
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            return list(epoch_itr.next_epoch_itr(shuffle=False))
     # Batches are sorted by length, so the first N would be the shortest sequences: take them evenly spread.
     batches = epoch_itr.frozen_batches
     chosen = sorted({round(i * (len(batches) - 1) / max(1, max_batches - 1)) for i in range(max_batches)})
@@ -238,12 +252,18 @@ def sweep(args: argparse.Namespace) -> None:
     first = min(checkpoints)
     todo = sum((e, k) not in done_sweep for e in ends for k in ks if e - k + 1 >= first)
     todo += 0 if args.no_baseline else sum((e, 1) not in done_base for e in ends)
-    # Validates every window (a checkpoint missing inside one is named) before any work is done.
-    cells = iter_window_averages(checkpoints, ks, ends, method=args.method, alpha=args.alpha,
-                                 trust=args.trust_checkpoints, skip=done_sweep)
-    if not args.no_baseline:  # a window of one is the checkpoint itself, bit for bit
-        cells = itertools.chain(cells, iter_window_averages(checkpoints, [1], ends, trust=args.trust_checkpoints,
-                                                            skip=done_base))
+    # Validates every window (a checkpoint missing inside one is named) before any work is done. A uniform
+    # window of one is the checkpoint itself, bit for bit: with k=1 in the same pass every file is read once.
+    if args.method == "uni":
+        skip_base = {(e, 1) for e in ends if args.no_baseline or (e, 1) in done_base}
+        cells = iter_window_averages(checkpoints, [1, *ks], ends, trust=args.trust_checkpoints,
+                                     skip=done_sweep | skip_base)
+    else:
+        cells = iter_window_averages(checkpoints, ks, ends, method="exp", alpha=args.alpha,
+                                     trust=args.trust_checkpoints, skip=done_sweep)
+        if not args.no_baseline:  # usually done already by the uniform sweep
+            cells = itertools.chain(cells, iter_window_averages(checkpoints, [1], ends,
+                                                                trust=args.trust_checkpoints, skip=done_base))
     cells = iter(cells)
     pending = next(cells, None)
     if pending is None:
@@ -259,6 +279,7 @@ def sweep(args: argparse.Namespace) -> None:
         batches["train"] = fixed_batches(task, model, cfg, cfg.dataset.train_subset, args.batch_size,
                                          args.train_batches)
 
+    record_run(out, args)
     started = time.perf_counter()
     with tqdm(total=todo, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True) as bar:
         for end, k, state in itertools.chain([pending], cells):
@@ -277,6 +298,15 @@ def sweep(args: argparse.Namespace) -> None:
             bar.update()
     print(f"{PROG}: {bar.n} cells in {time.perf_counter() - started:.0f} s -> {out}")
     print_summary(out, method, optimizer, seed)
+
+
+def record_run(out: Path, args: argparse.Namespace) -> None:
+    """Append this sweep's command, versions and settings (batch size, data, ...) to OUT.args.json."""
+    path = out.with_name(out.stem + ".args.json")
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({**run_info(), "args": vars(args)})
+    text = json.dumps(runs, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()), force=True)
 
 
 def print_summary(out: Path, method: str, optimizer: str, seed: int) -> None:

@@ -12,8 +12,9 @@
 # k = 2, 4, 6, 8 at every epoch on the first 1000 validation sentences. Sized after the pilots in
 # bert/README.md so that the baseline is noisy and overfits late in the run, the regime in which the paper
 # finds LAWA ahead.
-# Hardware: 2 CPU cores (shared), no GPU. Measured: see bert/README.md ("Embedded run"): ~6 min of CPU time;
-# the script prints its own wall time at the end.
+# Hardware: 2 CPU cores, no GPU. Measured 2026-11-23 (/usr/bin/time): 367 s CPU, 1153 s wall while three
+# other jobs shared the cores (load average 5-12); every stage is single-threaded, so ~6 min on an idle
+# machine (bert/README.md, "Embedded run"). The script prints its own wall time at the end.
 # Paper: 4× RTX 3090, ~10 min per epoch, 200 epochs (the paper); the sweep reads each 1.6 GB checkpoint once.
 set -euo pipefail
 
@@ -21,15 +22,17 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$REPO/.venv/bin/python"                    # the interpreter set up by setup.sh
 OUT="${OUT:-$REPO/runs/bert}"                  # everything this script writes goes below this folder
 WIKITEXT="${WIKITEXT:-}"                       # wikitext-103-raw folder: the paper's data and recipe
+GPT2_BPE="${GPT2_BPE:-$WIKITEXT}"              # folder with GPT-2's encoder.json, vocab.bpe (and dict.txt)
 CKPT_DIR="${CKPT_DIR:-}"                       # an existing trajectory (checkpoint{E}.pt): only the sweep
 DATA="${DATA:-}"                               # fairseq data for CKPT_DIR (default: the path in its checkpoints)
+EMBEDDED="$([ -z "$WIKITEXT$CKPT_DIR" ] && echo 1 || echo 0)"   # 1: the embedded PTB run, on the CPU
 PRESET="$([ -n "$WIKITEXT" ] && echo paper || echo tiny)"   # train.sh preset: the paper's with WIKITEXT
 GPUS="$([ "$PRESET" = paper ] && echo "${GPUS:-1}" || echo 0)"   # paper: GPUs on this node; embedded: CPU
 EPOCHS="${EPOCHS:-$([ "$PRESET" = paper ] && echo 200 || echo 40)}"   # training epochs
-PTB_TRAIN_LINES="${PTB_TRAIN_LINES:-3500}"     # embedded: training sentences (a tenth of PTB: overfits)
+PTB_TRAIN_LINES="${PTB_TRAIN_LINES:-3500}"     # embedded: training sentences (1/12 of PTB: overfits)
 PTB_VALID_LINES="${PTB_VALID_LINES:-1000}"     # embedded: validation sentences (~22k tokens)
-KS="${KS:-$([ "$PRESET" = paper ] && echo 2,4,6,8,10 || echo 2,4,6,8)}"   # LAWA window sizes k swept
-TRAIN_BATCHES="${TRAIN_BATCHES:-$([ "$PRESET" = paper ] && echo 50 || echo 8)}"   # batches for train loss
+KS="${KS:-$([ "$EMBEDDED" = 1 ] && echo 2,4,6,8 || echo 2,4,6,8,10)}"   # LAWA window sizes k swept
+TRAIN_BATCHES="${TRAIN_BATCHES:-$([ "$EMBEDDED" = 1 ] && echo 8 || echo 50)}"   # batches for train loss
 EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-16}"       # sequences per evaluation batch (fairseq-validate --batch-size)
 
 START=$(date +%s)
@@ -38,8 +41,8 @@ mkdir -p "$OUT"
 
 if [ -z "$CKPT_DIR" ]; then
     DATA="$OUT/data-bin"
-    WIKITEXT="$WIKITEXT" DATA_DIR="$DATA" PTB_TRAIN_LINES="$PTB_TRAIN_LINES" PTB_VALID_LINES="$PTB_VALID_LINES" \
-        bash "$REPO/bert/prepare_data.sh"
+    WIKITEXT="$WIKITEXT" GPT2_BPE="$GPT2_BPE" DATA_DIR="$DATA" PTB_TRAIN_LINES="$PTB_TRAIN_LINES" \
+        PTB_VALID_LINES="$PTB_VALID_LINES" bash "$REPO/bert/prepare_data.sh"
     CKPT_DIR="$OUT/checkpoints"
     if [ -f "$CKPT_DIR/checkpoint$EPOCHS.pt" ]; then
         echo "reproduce_results.sh: $CKPT_DIR already holds the $EPOCHS epochs; skipping training"
@@ -49,11 +52,11 @@ if [ -z "$CKPT_DIR" ]; then
     fi
 elif [ -n "$WIKITEXT" ] && [ -z "$DATA" ]; then   # the published trajectory, with data prepared here
     DATA="$OUT/data-bin"
-    WIKITEXT="$WIKITEXT" DATA_DIR="$DATA" bash "$REPO/bert/prepare_data.sh"
+    WIKITEXT="$WIKITEXT" GPT2_BPE="$GPT2_BPE" DATA_DIR="$DATA" bash "$REPO/bert/prepare_data.sh"
 fi
 
 # CPU: one torch thread, as train.sh's CPU_THREADS (the tiny model gains nothing from a second one).
-[ "$PRESET" = paper ] || export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+[ "$EMBEDDED" = 0 ] || export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$PY" "$REPO/bert/evaluate_lawa.py" ${DATA:+"$DATA"} --ckpt-dir "$CKPT_DIR" --ks "$KS" \
     --train-batches "$TRAIN_BATCHES" --batch-size "$EVAL_BATCH_SIZE" --out "$OUT/results.csv"
 echo "reproduce_results.sh: done in $(( $(date +%s) - START )) s -> $OUT/results.csv, $OUT/log.csv"

@@ -13,16 +13,18 @@
 # Decay horizon: this script decays the LR to 0 at the end of the 200 epochs (--total-num-update =
 # DECAY_EPOCHS × updates per epoch, counted by updates_per_epoch.py), as the recipe reads. The paper's
 # published run instead kept the README's max_update=125000 as its horizon while stopping after 200 epochs
-# (~27k updates), so its LR only fell from 5e-4 to ~4e-4: TOTAL_UPDATES=125000 reproduces that schedule.
+# (~27k updates), so its LR only fell from 5e-4 to ~4.3e-4: TOTAL_UPDATES=125000 reproduces that schedule.
 # The tiny preset is the same command scaled down (2 layers, width 64, 128 tokens, 16 sequences per
 # update, LR 2e-3) with the original run's shape: its decay horizon is DECAY_EPOCHS=3× the run, so the LR
 # is still high at the end, where LAWA's averaging matters (see bert/README.md, "Embedded run").
 #
 # Writes to SAVE_DIR: checkpoint{E}.pt, checkpoint_last.pt (fairseq resumes from it when rerun),
-# train.log (fairseq's output, JSON progress lines, appended on reruns), args.json (command, versions, git sha, hardware) and log.csv (tidy).
+# train.log (fairseq's output with JSON progress lines, appended on reruns), args.json (command, versions,
+# git sha, hardware) and log.csv (the tidy per-epoch log, rebuilt from train.log by log_to_csv.py).
 # Multi-GPU: GPUS=N makes fairseq spawn N workers (--distributed-world-size N). Multi-node: run this on
 # every node with NODES, NODE_RANK and MASTER=host:port. CPU: CPU_PROCS=2 runs 2 ranks joined by gloo.
-# Hardware/time: tiny ~5 s/epoch on 2 CPU cores (idle); paper ~10 min/epoch on 4× RTX 3090 (the paper).
+# Hardware/time: tiny ~5-6 s of CPU per epoch (one thread; 40 epochs: 12 min wall on the shared 2-core
+# machine, see bert/README.md); paper ~10 min per epoch on 4× RTX 3090 (the paper).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,7 +68,7 @@ UPDATE_FREQ=$(( SEQS_PER_UPDATE / (BATCH_SIZE * WORKERS) ))
 
 DEVICE_ARGS=(--cpu)
 # Width-64 matrices are too small for intra-op parallelism to pay, and on a shared machine a second thread
-# mostly waits for the first: one thread per process was ~3x faster than two in the pilots (README).
+# mostly waits for the first: one thread per process was ~3x faster than two in a pilot (README).
 [ "$GPUS" -gt 0 ] || export OMP_NUM_THREADS="$CPU_THREADS"
 DIST_ARGS=()
 if [ "$GPUS" -gt 0 ]; then
@@ -90,7 +92,8 @@ mkdir -p "$SAVE_DIR"
 # --update-epoch-batch-itr: fairseq-fixed 0.12.3.1 otherwise reuses one DataLoader with persistent workers,
 # whose copies of the dataset never see set_epoch(), so RoBERTa's dynamic masking silently becomes static
 # (the same masks every epoch: the tiny run then memorises them, train loss -> 1.4 bits, val loss up to 15).
-# A fresh iterator per epoch gives each epoch its own masks, as in the original run's fairseq.
+# A fresh iterator per epoch gives each epoch its own masks, as in the original run's fairseq. (The flag takes
+# a value: fairseq declares it a bool whose default is another setting.)
 # shellcheck disable=SC2206  # MODEL_ARGS is a list of flags on purpose
 CMD=("$FAIRSEQ_TRAIN" "$DATA" --user-dir "$REPO/bert/lawa_plugin"
     --task masked_lm --criterion masked_lm --arch roberta_base $MODEL_ARGS
@@ -99,7 +102,8 @@ CMD=("$FAIRSEQ_TRAIN" "$DATA" --user-dir "$REPO/bert/lawa_plugin"
     --lr-scheduler polynomial_decay --lr "$LR" --warmup-updates "$WARMUP" --total-num-update "$TOTAL_UPDATES"
     --dropout 0.1 --attention-dropout 0.1
     --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" --max-epoch "$MAX_EPOCH" --seed "$SEED"
-    --save-dir "$SAVE_DIR" --keep-last-epochs -1 --skip-invalid-size-inputs-valid-test --update-epoch-batch-itr
+    --save-dir "$SAVE_DIR" --keep-last-epochs -1 --skip-invalid-size-inputs-valid-test
+    --update-epoch-batch-itr True
     --log-format json --log-interval "$LOG_INTERVAL"
     "${DEVICE_ARGS[@]}" "${DIST_ARGS[@]}" "$@")
 

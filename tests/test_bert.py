@@ -202,6 +202,8 @@ def test_sweep_cell_equals_fairseq_validate_on_the_averaged_checkpoint(trained, 
                             "--out", out, "--train-batches", "2"], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and "already in" in again.stdout  # a rerun skips the cells done
     assert len(lawa_utils.read_results(out)) == len(rows)
+    record = json.loads((tmp_path / "results.args.json").read_text())  # the run that computed cells
+    assert len(record) == 1 and record[0]["args"]["ks"] == "2" and "fairseq" in record[0]["versions"]
 
 
 def test_sweep_reads_paper_era_fp16_checkpoints_as_they_are(trained, tmp_path, ptb):

@@ -363,3 +363,15 @@ def test_cli_bad_inputs_give_one_line_error_and_no_output(tmp_path, capsys):
         assert len(lines) == 1 and message in lines[0], (name, stderr)
         assert not out.exists(), name
         assert not [p for p in d.iterdir() if p.name.startswith(".")], name  # no temporary left behind
+
+
+def test_safe_loading_keeps_globals_registered_by_others(tmp_path):
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace])  # as the fairseq plugin does
+    try:
+        torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "f.pt")
+        lu.load_checkpoint(tmp_path / "f.pt")
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)

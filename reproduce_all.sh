@@ -4,6 +4,8 @@
 #   bash reproduce_all.sh                      # embedded defaults (Fashion-MNIST, Penn Treebank) on CPU
 #   OUT=/path FORCE=1 bash reproduce_all.sh    # another output folder; rerun every stage
 #   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash reproduce_all.sh
+#   GPT=1 bash reproduce_all.sh                # also gpt/ (LAWA vs EMA vs SWA at high LR); off by default:
+#                                              # it does not fit the 20-minute budget beside the rest
 #   CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # only sweep a published/your own ImageNet trajectory
 #
 # Stages: set-up → imagenet/ (train + (E,k) sweep) ‖ bert/ (train + sweep) → Appendix B/C (SGD vs
@@ -21,6 +23,7 @@ OUT="${OUT:-$REPO/out}"                  # everything this job writes goes below
 FORCE="${FORCE:-0}"                      # 1: ignore the stage stamps and rerun every stage
 SEEDS="${SEEDS:-0 1 2}"                  # seeds of the Appendix B/C comparison
 PY="$REPO/.venv/bin/python"              # the interpreter set up by setup.sh
+GPT="${GPT:-0}"                          # 1: also the gpt/ Early-Weight-Averaging stage (+~3.5 min idle, 6 CPU-min)
 LANES="${LANES:-2}"                      # independent jobs run at once (one per core)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # threads per process: LANES × this = the cores
 
@@ -86,26 +89,28 @@ appendix() {
     for seed in $SEEDS; do for opt in sgd lookahead; do echo "appendix_run $seed $opt"; done; done | in_lanes
 }
 
-# Averaging methods beside LAWA (issue 8), post hoc on each appendix seed's SGD trajectory, into the results.csv
-# that holds its baseline, lawa and exp rows (fig7 and summary.md compare them): EMA with LAWA's effective window
-# (d = 1 − 1/k), SWA from half the run, EWA (k checkpoints 2 epochs apart) and TWA trained for 2 epochs (32
-# steps) in the span of the checkpoints SWA averages at the end. Evaluated as the appendix sweeps (16 BatchNorm
-# batches, 2000 val images). Measured: 267 CPU-seconds for 3 seeds, one thread per process (≈4.5 min on 2 cores).
+# methods_run SEED: averaging methods beside LAWA (issue 8), post hoc on one appendix seed's SGD trajectory, into
+# the results.csv that holds its baseline, lawa and exp rows (fig7 and summary.md compare them): EMA with LAWA's
+# effective window (d = 1 − 1/k), SWA from half the run, EWA (k checkpoints 2 epochs apart) and TWA trained for
+# 2 epochs (32 steps) in the span of the checkpoints SWA averages at the end. Evaluated as the appendix sweeps.
+methods_run() {
+    local seed="$1" data="${IMAGENET:-fashion-mnist}"
+    local dir="$OUT/appendix/seed$seed/sgd" half=$(( APX_EPOCHS / 2 ))   # SWA: half..E; TWA: span(θ_half … θ_last)
+    local decay; decay="$(awk "BEGIN { print 1 - 1 / $APX_K }")"       # EMA's effective window 1/(1−d) = APX_K
+    local on=("$data" --ckpt-dir "$dir" --out "$dir/results.csv" -j 0 --eval-batch-size 1000 --bn-batches 16
+              --train-eval-subset 0)
+    { "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ema --decays "$decay" --epochs "$APX_K:$APX_EPOCHS" &&
+      "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method swa --swa-starts "$half" &&
+      "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ewa --ks "$APX_K" --spacing 2 &&
+      "$PY" "$REPO/imagenet/train_twa.py" "${on[@]}" --range "$half:$APX_EPOCHS" --epochs 2; } \
+        > "$dir/methods.out" 2>&1 || { tail -5 "$dir/methods.out"; return 1; }
+    echo "seed $seed: ema, swa, ewa-s2 and twa rows in $dir/results.csv"
+}
+
+# Measured: 267 CPU-seconds for the 3 seeds (one thread per process), i.e. ≈2.5 min in 2 lanes on 2 idle cores.
 methods() {
-    local data="${IMAGENET:-fashion-mnist}" seed dir on
-    local -x OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # small models: a 2nd thread gains little, costs much when shared
-    local half=$(( APX_EPOCHS / 2 ))                    # SWA averages half..E; TWA trains in span(θ_half … θ_last)
-    local decay; decay="$(awk "BEGIN { print 1 - 1 / $APX_K }")"   # EMA's effective window 1/(1−d) = APX_K
-    for seed in $SEEDS; do
-        dir="$OUT/appendix/seed$seed/sgd"
-        echo "-- methods: seed $seed"
-        on=("$data" --ckpt-dir "$dir" --out "$dir/results.csv" -j 0 --eval-batch-size 1000 --bn-batches 16
-            --train-eval-subset 0)                      # evaluated as the appendix sweeps
-        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ema --decays "$decay" --epochs "$APX_K:$APX_EPOCHS"
-        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method swa --swa-starts "$half"
-        "$PY" "$REPO/imagenet/evaluate_lawa.py" "${on[@]}" --method ewa --ks "$APX_K" --spacing 2
-        "$PY" "$REPO/imagenet/train_twa.py" "${on[@]}" --range "$half:$APX_EPOCHS" --epochs 2
-    done
+    local seed
+    for seed in $SEEDS; do echo "methods_run $seed"; done | in_lanes
 }
 
 figures() {
@@ -119,6 +124,7 @@ printf '%s\n' "run_stage imagenet env OUT=\"$OUT/imagenet\" bash \"$REPO/imagene
     "run_stage bert env OUT=\"$OUT/bert\" bash \"$REPO/bert/reproduce_results.sh\"" | in_lanes
 run_stage appendix appendix
 run_stage methods methods
+if [ "$GPT" = 1 ]; then run_stage gpt env OUT="$OUT/gpt" bash "$REPO/gpt/reproduce_results.sh"; fi
 run_stage figures figures
 
 echo

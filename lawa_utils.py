@@ -798,7 +798,8 @@ def _average_command(args: argparse.Namespace) -> None:
             loaded["newest"] = obj  # the output's template: non-model state from the newest input
             yield state
 
-    averaged = average_state_dicts(states(), weights, names=[str(f) for f in files])
+    # uni: weights=None sums then divides once, bit-identical to iter_window_averages' cells
+    averaged = average_state_dicts(states(), None if args.method == "uni" else weights, names=[str(f) for f in files])
     obj, fmt = loaded["newest"], loaded["fmt"]
     provenance = {"lawa": {"files": [str(f) for f in files], "weights": weights, "method": args.method}}
     out_obj = with_model_state(obj, fmt, averaged, **({} if fmt == "plain" else provenance))

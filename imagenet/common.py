@@ -1,6 +1,7 @@
-"""Data, models and evaluation shared by the trainer (main.py) and the LAWA sweep (evaluate_lawa.py).
+"""Data, models and evaluation shared by the trainer (main.py), the averaging sweep (evaluate_lawa.py) and
+TWA (train_twa.py).
 
-Both scripts must see the same images, the same model and the same metrics, so they live here once::
+They must see the same images, the same model and the same metrics, so these live here once::
 
     data = build_datasets("fashion-mnist", image_size=28, train_subset=8192)
     model = build_model("resnet18", data.num_classes)
@@ -10,11 +11,22 @@ Both scripts must see the same images, the same model and the same metrics, so t
 ``data`` is an ImageFolder root with ``train/`` and ``val/`` (ImageNet as in the paper, or CIFAR exported
 the same way) or the word ``fashion-mnist``: the Debian package ``dataset-fashion-mnist``'s 60k/10k real
 28×28 grey images, repeated to 3 channels. Nothing is ever downloaded.
+
+The commands that read a saved trajectory (evaluate_lawa.py, train_twa.py) share its flags, how they default
+to ``CKPT_DIR/args.json``, the BatchNorm recompute batches and the evaluation splits::
+
+    parser = argparse.ArgumentParser(); parser.add_argument("--ckpt-dir", type=Path)
+    add_evaluation_args(parser); add_trajectory_args(parser)
+    args = parse_trajectory_args(parser, argv)       # flags > CKPT_DIR/args.json > defaults
+    loaders = eval_loaders(data, batch_size=args.eval_batch_size, workers=args.workers,
+                           train_subset=args.train_eval_subset, seed=args.seed)
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,22 +36,31 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lawa_utils import LawaError
+from lawa_utils import LawaError, load_checkpoint
 
 __all__ = [
+    "DEFAULT_BN_BATCHES",
     "FASHION_MNIST",
     "MODEL_NAMES",
+    "TRAJECTORY_FLAGS",
     "Datasets",
+    "add_evaluation_args",
+    "add_trajectory_args",
+    "bn_recompute_loader",
     "build_datasets",
     "build_model",
     "check_data",
+    "checkpoint_arch",
     "default_image_size",
+    "eval_loaders",
     "evaluate",
     "fixed_permutation",
     "make_loader",
+    "parse_trajectory_args",
     "tidy_rows",
     "to_device",
     "to_metrics",
+    "trajectory_defaults",
 ]
 
 FASHION_MNIST = "fashion-mnist"
@@ -54,6 +75,15 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Subsets are drawn with this fixed seed, not --seed: runs with different seeds see the same images and
 # differ only in initialisation and batch order.
 SUBSET_SEED = 0
+# BatchNorm recompute on the first N training batches instead of the paper's full pass. Measured on the
+# embedded trajectory (resnet18, 8192 images = 64 batches of 128; 8 cells: k=2,4 × E=4,8,12,16; 2000 val
+# images), largest |Δ val top-1| against a full pass: 1 batch 1.5 points, 2: 1.15, 4: 0.75, 8: 0.4,
+# 16: 0.15, 32: 0.35 (7 images: noise); |Δ val loss| ≤ 0.004 from 8 batches on. A full ImageNet pass per
+# cell would cost more than the rest of the sweep together. --bn-batches 0 does the full pass.
+DEFAULT_BN_BATCHES = 32
+# How a trajectory was trained: read from CKPT_DIR/args.json (main.py writes it) by the commands that read
+# the trajectory, unless given on their command line.
+TRAJECTORY_FLAGS = ("arch", "image_size", "train_subset", "val_subset", "optimizer", "seed", "batch_size")
 
 MODEL_NAMES = sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -100,7 +130,16 @@ def check_data(data: str, dummy: bool = False) -> None:
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read a gzipped IDX file (the MNIST format: magic, dimension sizes, big-endian uint8 data)."""
-    raw = gzip.open(path, "rb").read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; a truncated .gz ends in EOFError
+        raise LawaError(
+            f"{path} is not a readable gzipped IDX file ({exc}): reinstall dataset-fashion-mnist "
+            "or set FASHION_MNIST_DIR to intact files"
+        ) from None
+    if len(raw) < 4:
+        raise LawaError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
     if raw[:3] != b"\x00\x00\x08" or ndim not in (1, 3):
         raise LawaError(f"{path} is not an IDX file of unsigned bytes")
@@ -258,3 +297,90 @@ def tidy_rows(
         for split, values in metrics.items()
         for metric, value in values.items()
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands that read a saved trajectory: evaluate_lawa.py and train_twa.py
+# --------------------------------------------------------------------------------------------------
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """BatchNorm recompute, the evaluation splits and data loading: the same flags for every averaged model."""
+    parser.add_argument("--bn-batches", type=int, default=DEFAULT_BN_BATCHES, metavar="N",
+                        help="recompute BatchNorm on the first N training batches of a fixed random order; 0: a "
+                        f"full pass (default: {DEFAULT_BN_BATCHES})")
+    parser.add_argument("--train-eval-subset", type=int, default=10_000, metavar="N",
+                        help="measure train loss/accuracy on a fixed random N training images; 0: skip the "
+                        "train split (default: 10000, or the whole training set if smaller)")
+    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers")
+    parser.add_argument("--eval-batch-size", default=256, type=int, metavar="N", help="evaluation batch size")
+    parser.add_argument("--trust-checkpoints", action="store_true",
+                        help="allow arbitrary unpickling (can run code): only for files from a source you trust")
+
+
+def add_trajectory_args(parser: argparse.ArgumentParser) -> None:
+    """How the trajectory was trained: the flags :func:`parse_trajectory_args` reads from CKPT_DIR/args.json."""
+    traj = parser.add_argument_group("the trajectory (default: CKPT_DIR/args.json, written by main.py)")
+    traj.add_argument("-a", "--arch", default=None, help="default: the checkpoints' 'arch'")
+    traj.add_argument("--image-size", type=int, default=None, metavar="S")
+    traj.add_argument("--train-subset", type=int, default=None, metavar="N")
+    traj.add_argument("--val-subset", type=int, default=None, metavar="N")
+    traj.add_argument("--optimizer", default="sgd", help="written to the optimizer column (default: sgd)")
+    traj.add_argument("--seed", type=int, default=0,
+                      help="written to the seed column; seeds the order of the training batches drawn here")
+    traj.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
+                      help="batch size of the training batches drawn here (BatchNorm recompute, TWA steps; "
+                      "default: the trajectory's training batch size)")
+    traj.add_argument("--dummy", action="store_true", help="fake data, as main.py --dummy")
+
+
+def trajectory_defaults(ckpt_dir: Path) -> dict:
+    """The :data:`TRAJECTORY_FLAGS` main.py recorded in ``ckpt_dir/args.json``; {} when there is no such file
+    (the paper's published checkpoints)."""
+    recorded = Path(ckpt_dir) / "args.json"
+    if not recorded.is_file():
+        return {}
+    try:
+        trained = json.loads(recorded.read_text()).get("args", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise LawaError(f"{recorded} is not the JSON record main.py writes") from None
+    return {k: trained[k] for k in TRAJECTORY_FLAGS if k in trained}
+
+
+def parse_trajectory_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` (which has ``--ckpt-dir``): flags given on the command line win over CKPT_DIR/args.json,
+    which wins over the parser's defaults."""
+    args = parser.parse_args(argv)
+    recorded = trajectory_defaults(args.ckpt_dir)
+    if recorded:
+        parser.set_defaults(**recorded)
+        args = parser.parse_args(argv)
+    return args
+
+
+def checkpoint_arch(path: Path, trust: bool = False) -> str:
+    """The architecture a pytorch/examples-style checkpoint names (its ``arch``), for when -a is not given."""
+    ckpt = load_checkpoint(path, trust=trust)
+    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    if not isinstance(arch, str):
+        raise LawaError(f"{path} does not name its architecture: pass -a ARCH")
+    return arch
+
+
+def bn_recompute_loader(train: Dataset, *, batch_size: int, workers: int, seed: int, num_batches: int) -> DataLoader:
+    """Training batches for ``lawa_utils.recompute_bn``: with ``num_batches`` > 0 in one fixed random order,
+    so that the first N batches are a random sample and the same sample for every averaged model (0: all
+    batches, in order). drop_last as in training: a batch of one image breaks BatchNorm."""
+    order = fixed_permutation(len(train), seed).tolist() if num_batches else range(len(train))
+    return make_loader(Subset(train, order), batch_size, workers, drop_last=True)
+
+
+def eval_loaders(data: Datasets, *, batch_size: int, workers: int, train_subset: int, seed: int) -> dict:
+    """The splits every averaged model is measured on: ``val``, and ``train`` on a fixed random
+    ``train_subset`` images in evaluation mode (all of them if fewer; 0: no train split)."""
+    loaders = {"val": make_loader(data.val, batch_size, workers)}
+    if train_subset:
+        n = min(train_subset, len(data.train_eval))
+        subset = Subset(data.train_eval, fixed_permutation(len(data.train_eval), seed)[:n].tolist())
+        loaders = {"train": make_loader(subset, batch_size, workers), **loaders}
+    return loaders

@@ -105,6 +105,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                       help="where checkpoint{E}.pt, args.json and log.csv go (default: runs/imagenet)")
     lawa.add_argument("--force", action="store_true",
                       help="overwrite checkpoints and log rows of later epochs already in --save-dir")
+    lawa.add_argument("--trust-checkpoints", action="store_true",
+                      help="--resume: allow arbitrary unpickling (can run code), only for a file you trust")
     lawa.add_argument("--optimizer", choices=["sgd", "lookahead"], default="sgd",
                       help="SGD, or Lookahead over SGD (Zhang et al. 2019; the paper's Appendix B)")
     lawa.add_argument("--lookahead-alpha", default=0.8, type=float, metavar="A",
@@ -348,7 +350,7 @@ def fast_forward(scheduler, epoch: int) -> None:
 
 def resume(path: str, model, optimizer, scheduler, args: argparse.Namespace) -> float:
     """Load ``path`` (ours or the pytorch/examples format); returns the training seconds it had recorded."""
-    ckpt = load_checkpoint(path, mmap=False)
+    ckpt = load_checkpoint(path, trust=args.trust_checkpoints, mmap=False)
     _, state = split_checkpoint(ckpt, name=path)  # also strips pytorch/examples' `module.` prefix
     try:
         model.load_state_dict(state)

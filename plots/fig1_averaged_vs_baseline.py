@@ -52,6 +52,12 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
         ax.set_title(TITLES.get(run.name, run.name))
         ax.set_ylabel(axis_label(metric, run.name))
         format_axis(ax, metric, list(base) + list(lawa))
+        if not saved.higher_is_better and len(base) > 4:
+            # A loss falls by orders of magnitude in the first epochs; the gap lives near the bottom, so the
+            # axis starts at the first quarter of the run instead of epoch 1.
+            late = list(base.iloc[len(base) // 4 :]) + list(lawa)
+            pad = 0.1 * (max(late) - min(late))
+            ax.set_ylim(min(late) - pad, max(late) + pad)
         ax.legend(loc="lower right" if saved.higher_is_better else "upper right")
     return save(fig, out, STEM)
 

@@ -107,7 +107,8 @@ methods_run() {
     echo "seed $seed: ema, swa, ewa-s2 and twa rows in $dir/results.csv"
 }
 
-# Measured: 267 CPU-seconds for the 3 seeds (one thread per process), i.e. ≈2.5 min in 2 lanes on 2 idle cores.
+# Measured (shared machine, load 5): 271 CPU-seconds for the 3 seeds, one thread per process; in 2 lanes on an
+# idle 2-core machine that is ≈3 min of wall-clock (two seeds share a lane).
 methods() {
     local seed
     for seed in $SEEDS; do echo "methods_run $seed"; done | in_lanes

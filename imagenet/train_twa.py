@@ -29,8 +29,6 @@ from pathlib import Path
 import common
 import torch
 import torch.nn.functional as F
-from evaluate_lawa import DEFAULT_BN_BATCHES, TRAJECTORY_FLAGS, bn_recompute_loader
-from torch.utils.data import Subset
 
 import lawa_methods as lm
 from lawa_utils import (
@@ -38,7 +36,6 @@ from lawa_utils import (
     append_rows,
     atomic_write,
     find_checkpoints,
-    load_checkpoint,
     read_results,
     recompute_bn,
     run_info,
@@ -63,12 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="step: ×0.1 at 50%% and 75%% of the epochs; constant; linear: to 0 per iteration")
     parser.add_argument("--init", choices=["mean", "last"], default="mean",
                         help="start from the mean of the checkpoints (the SWA point) or from checkpoint B")
-    parser.add_argument("--bn-batches", type=int, default=DEFAULT_BN_BATCHES, metavar="N",
-                        help="recompute BatchNorm on the first N training batches after TWA, as "
-                        f"evaluate_lawa.py does; 0: a full pass (default: {DEFAULT_BN_BATCHES})")
-    parser.add_argument("--train-eval-subset", type=int, default=10_000, metavar="N",
-                        help="measure train loss/accuracy on a fixed random N training images, as "
-                        "evaluate_lawa.py; 0: skip the train split (default: 10000)")
     parser.add_argument("--out", type=Path, default=None, help="results CSV (default: CKPT_DIR/results.csv)")
     parser.add_argument("--save", type=Path, default=None, metavar="PATH",
                         help="write the TWA weights here in the trainer's checkpoint format")
@@ -78,43 +69,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--basis-rtol", type=float, default=1e-6, metavar="R",
                         help="drop a checkpoint whose part outside the span of the earlier ones is below R × "
                         "its norm (default: 1e-6)")
-    parser.add_argument("-j", "--workers", default=4, type=int, metavar="N", help="data loading workers")
-    parser.add_argument("--eval-batch-size", default=256, type=int, metavar="N", help="evaluation batch size")
     parser.add_argument("-p", "--print-freq", default=50, type=int, metavar="N", help="print every N batches")
-    parser.add_argument("--trust-checkpoints", action="store_true",
-                        help="allow arbitrary unpickling (can run code): only for files from a source you trust")
-    traj = parser.add_argument_group("the trajectory (default: CKPT_DIR/args.json, written by main.py)")
-    traj.add_argument("-a", "--arch", default=None, help="default: the checkpoints' 'arch'")
-    traj.add_argument("--image-size", type=int, default=None, metavar="S")
-    traj.add_argument("--train-subset", type=int, default=None, metavar="N")
-    traj.add_argument("--val-subset", type=int, default=None, metavar="N")
-    traj.add_argument("--optimizer", default="sgd", help="written to the optimizer column (default: sgd)")
-    traj.add_argument("--seed", type=int, default=0,
-                      help="written to the seed column; seeds TWA's batch order and the BN batches")
-    traj.add_argument("-b", "--batch-size", type=int, default=256, metavar="N",
-                      help="TWA and BatchNorm batch size (default: the trajectory's training batch size)")
-    traj.add_argument("--dummy", action="store_true", help="fake data, as main.py --dummy")
+    common.add_evaluation_args(parser)  # after TWA: BatchNorm recomputed and splits measured as evaluate_lawa.py
+    common.add_trajectory_args(parser)
     return parser
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Flags given on the command line win over CKPT_DIR/args.json, which wins over the defaults."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    recorded = args.ckpt_dir / "args.json"
-    if recorded.is_file():
-        try:
-            trained = json.loads(recorded.read_text()).get("args", {})
-        except (json.JSONDecodeError, AttributeError):
-            raise LawaError(f"{recorded} is not the JSON record main.py writes") from None
-        parser.set_defaults(**{k: trained[k] for k in TRAJECTORY_FLAGS if k in trained})
-        args = parser.parse_args(argv)
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        run(parse_args(argv))
+        run(common.parse_trajectory_args(get_args_parser(), argv))
     except LawaError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -153,11 +116,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{PROG}: {out} already has twa rows for checkpoints {first}..{last} (seed {args.seed}); nothing to do")
         return
     common.check_data(args.data, args.dummy)
-    if args.arch is None:  # pytorch/examples checkpoints name their architecture
-        newest = load_checkpoint(checkpoints[last], trust=args.trust_checkpoints)
-        args.arch = newest.get("arch") if isinstance(newest, dict) else None
-        if args.arch is None:
-            raise LawaError(f"{checkpoints[last]} does not name its architecture: pass -a ARCH")
+    args.arch = args.arch or common.checkpoint_arch(checkpoints[last], args.trust_checkpoints)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = common.build_datasets(args.data, image_size=args.image_size, train_subset=args.train_subset,
@@ -189,9 +148,13 @@ def run(args: argparse.Namespace) -> None:
     twa_seconds = time.perf_counter() - started
 
     torch.manual_seed(args.seed)  # the same BN batches as evaluate_lawa.py's cells
-    recompute_bn(model, bn_recompute_loader(data.train, args), num_batches=args.bn_batches or None, device=device)
+    bn_loader = common.bn_recompute_loader(data.train, batch_size=args.batch_size, workers=args.workers,
+                                           seed=args.seed, num_batches=args.bn_batches)
+    recompute_bn(model, bn_loader, num_batches=args.bn_batches or None, device=device)
+    loaders = common.eval_loaders(data, batch_size=args.eval_batch_size, workers=args.workers,
+                                  train_subset=args.train_eval_subset, seed=args.seed)
     metrics = {split: common.to_metrics(common.evaluate(model, loader, device, True))
-               for split, loader in eval_loaders(data, args).items()}
+               for split, loader in loaders.items()}
     append_rows(out, common.tidy_rows(metrics, method="twa", k=n, epoch=last, optimizer=args.optimizer,
                                       seed=args.seed))
     record = {**run_info(), "args": vars(args), "subspace": subspace, "twa_seconds": round(twa_seconds, 3),
@@ -221,16 +184,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, projector, device, epoc
         if i % args.print_freq == 0 or i == len(loader) - 1:
             print(f"TWA epoch [{epoch + 1}/{args.epochs}][{i + 1}/{len(loader)}]  loss {loss.item():.4f}  "
                   f"lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
-
-
-def eval_loaders(data: common.Datasets, args: argparse.Namespace) -> dict:
-    """The splits evaluate_lawa.py measures: val, and a fixed random subset of the training images."""
-    loaders = {"val": common.make_loader(data.val, args.eval_batch_size, args.workers)}
-    if args.train_eval_subset:
-        n = min(args.train_eval_subset, len(data.train_eval))
-        subset = Subset(data.train_eval, common.fixed_permutation(len(data.train_eval), args.seed)[:n].tolist())
-        loaders = {"train": common.make_loader(subset, args.eval_batch_size, args.workers), **loaders}
-    return loaders
 
 
 if __name__ == "__main__":

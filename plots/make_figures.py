@@ -1,4 +1,4 @@
-"""All six figures, the GPU-time-saved table and a summary, from the experiments' tidy CSVs.
+"""All seven figures, the GPU-time-saved table and a summary, from the experiments' tidy CSVs.
 
     $ python plots/make_figures.py --imagenet runs/imagenet --bert runs/bert --appendix runs/appendix \\
           --out runs/figures [--gpus 4]
@@ -9,14 +9,15 @@ Expected layout (what the experiment scripts write; give only the folders you ha
     IMAGENET_DIR/results.csv                sweep: baseline (k=1) and lawa/exp rows by window end E and k
     BERT_DIR/log.csv, BERT_DIR/results.csv  the same for the masked-LM run (losses in bits)
     APPENDIX_DIR/seed{N}/sgd/log.csv        SGD run of seed N
-    APPENDIX_DIR/seed{N}/sgd/results.csv    sweep over it: baseline, lawa and exp rows (one k)
+    APPENDIX_DIR/seed{N}/sgd/results.csv    sweep over it: baseline, lawa and exp rows (one k); ema, swa,
+                                            ewa-s* and twa rows from reproduce_all.sh's methods stage
     APPENDIX_DIR/seed{N}/lookahead/log.csv  Lookahead run of seed N
 
 Every log.csv and results.csv below APPENDIX_DIR is read: seed and optimizer come from the CSV columns,
 not from folder names. Baseline curves come from a results.csv when it has baseline rows (evaluated exactly
 as the averaged models), else from log.csv; times always from log.csv's wall_seconds.
 
-Writes FIGDIR/fig{1..6}_*.png and .pdf, FIGDIR/summary.md and FIGDIR/summary.json. A figure whose inputs
+Writes FIGDIR/fig{1..7}_*.png and .pdf, FIGDIR/summary.md and FIGDIR/summary.json. A figure whose inputs
 are absent is skipped with a one-line notice; bad input (malformed CSV, missing columns, unknown metric)
 stops with a one-line error and exit status 2.
 """
@@ -37,13 +38,14 @@ from plots import (
     fig4_early_phase,
     fig5_lawa_vs_lookahead,
     fig6_uniform_vs_exp,
+    fig7_methods,
 )
 from plots.figstyle import Skip
 from plots.summary import summarize, to_markdown
 from plots.tidy import add_input_args, inputs_from_args, run_cli
 
 FIGURES = [fig1_averaged_vs_baseline, fig2_k_sensitivity, fig3_top5_and_losses, fig4_early_phase,
-           fig5_lawa_vs_lookahead, fig6_uniform_vs_exp]
+           fig5_lawa_vs_lookahead, fig6_uniform_vs_exp, fig7_methods]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The numbers behind the figures: GPU time saved, best and final metrics, appendix mean ± std over seeds.
+"""The numbers behind the figures: GPU time saved, best and final metrics, appendix mean ± std over seeds,
+and the averaging methods' epochs to target (fig7_methods.table).
 
     >>> data = summarize(load_inputs("runs/imagenet", "runs/bert", "runs/appendix"))
     >>> Path("figs/summary.md").write_text(to_markdown(data))
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from plots import fig5_lawa_vs_lookahead, fig6_uniform_vs_exp
+from plots import fig5_lawa_vs_lookahead, fig6_uniform_vs_exp, fig7_methods
 from plots.figstyle import results_of
 from plots.hours_saved import hours_saved_for_run
 from plots.tidy import Inputs, Run, curve, higher_is_better, pick_k
@@ -67,7 +68,7 @@ def _appendix_rows(run: Run, metric: str, k: int | None) -> list[dict]:
 
 def summarize(inputs: Inputs) -> dict:
     """Everything ``to_markdown`` prints, as JSON-ready dicts."""
-    data = {"hours_saved": [], "best_final": [], "appendix": []}
+    data = {"hours_saved": [], "best_final": [], "appendix": [], "methods": None}
     for name, metric in MAIN_METRIC.items():
         run = getattr(inputs, name)
         if run is None or not run.has(metric):
@@ -86,6 +87,8 @@ def summarize(inputs: Inputs) -> dict:
         for metric in ("val_acc1", "val_loss"):
             if run.has(metric):
                 data["appendix"] += _appendix_rows(run, metric, inputs.appendix_k)
+        if fig7_methods.has_methods(run) and run.has("val_acc1"):
+            data["methods"] = fig7_methods.table(run, inputs.appendix_k)
     return data
 
 
@@ -102,8 +105,40 @@ def _pm(mean: float, std: float | None, metric: str) -> str:
     return fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
 
 
+def _epochs(r: dict) -> str:
+    """Epochs to target as 'mean ± std (reached/n)', or 'never (0/n)'."""
+    if r["target_epochs_mean"] is None:
+        return f"never (0/{r['n']})"
+    std = "" if r["target_epochs_std"] is None else f" ± {r['target_epochs_std']:.1f}"
+    return f"{r['target_epochs_mean']:.1f}{std} ({r['reached']}/{r['n']})"
+
+
+def _methods_markdown(m: dict) -> list[str]:
+    fmt = _formatter("val_acc1", max(m["targets"].values()))
+    targets = ", ".join(f"seed {s}: {fmt(v)}" for s, v in m["targets"].items())
+    out = ["## Averaging methods on the same trajectories: mean ± std over seeds (accuracies in %)", "",
+           f"Target of a seed: its own final baseline val top-1 (epoch {m['baseline_final_epoch']}) minus "
+           f"{fmt(m['target_points'])} points ({targets}). Epochs to target: the first end epoch E at which the "
+           "curve reaches it, mean ± std over the seeds that do (reached/seeds). TWA is evaluated only at the end "
+           "epochs it was trained for, and trains after E on top.", "",
+           "| curve | epochs to target | best val top-1 | final val top-1 (epoch) | final − baseline, paired "
+           "| final val loss |", "|---|---|---|---|---|---|"]
+    for r in m["curves"]:
+        final, delta, loss = "-", "-", "-"
+        if r["final_epoch"] is not None:
+            final = f"{_pm(r['final_mean'], r['final_std'], 'val_acc1')} ({r['final_epoch']})"
+            fmt = _formatter("val_acc1", r["final_mean"])  # a difference: scaled as the accuracies themselves
+            mean, std = r["final_minus_baseline_mean"], r["final_minus_baseline_std"]
+            delta = ("+" if mean > 0 else "") + fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
+        if r["final_loss_mean"] is not None:
+            loss = _pm(r["final_loss_mean"], r["final_loss_std"], "val_loss")
+        out.append(f"| {r['curve']} | {_epochs(r)} | {_pm(r['best_mean'], r['best_std'], 'val_acc1')} | {final} "
+                   f"| {delta} | {loss} |")
+    return out + [""]
+
+
 def to_markdown(data: dict) -> str:
-    """Three tables: GPU time saved, best/final per run, appendix mean ± std over seeds."""
+    """Four tables: GPU time saved, best/final per run, appendix mean ± std over seeds, averaging methods."""
     out = ["# Summary", ""]
     if data["hours_saved"]:
         out += ["## GPU time saved (largest horizontal gap, paper definition; see plots/hours_saved.py)", "",
@@ -127,6 +162,8 @@ def to_markdown(data: dict) -> str:
                 r["final_mean"], r["final_std"], r["metric"])
             out.append(f"| {r['metric']} | {r['curve']} | {r['n']} | {best} | {final} ({r['final_epoch']}) |")
         out.append("")
+    if data.get("methods"):
+        out += _methods_markdown(data["methods"])
     if len(out) == 2:
         out += ["No inputs.", ""]
     return "\n".join(out)

@@ -236,3 +236,92 @@ def test_training_refuses_to_overwrite_a_run_without_resume_or_force(trajectory,
                    "already holds checkpoint1.pt", "--resume")
     one_line_error(capsys, trainer.main, [*TRAIN, "--save-dir", str(tmp_path), "--resume", str(tmp_path / "no.pt")],
                    "no such checkpoint")
+
+
+
+# ---------------------------------------------------------------- other averaging methods (lawa_methods)
+
+# SWEEP without --ks: the flags every method shares.
+METHOD_SWEEP = [*DATA, "--bn-batches", "0", "--train-eval-subset", "256", "-b", "64", "--eval-batch-size", "100",
+                "-j", "0"]
+
+
+def cell(df: pd.DataFrame, method: str, k: int, epoch: int) -> pd.Series:
+    rows = df[(df["method"] == method) & (df["k"] == k) & (df["epoch"] == epoch)]
+    return rows.set_index(["split", "metric"])["value"].sort_index()
+
+
+@pytest.fixture(scope="module")
+def method_results(published, published_results, evaluate_lawa, tmp_path_factory) -> pd.DataFrame:
+    """SWA, EMA and EWA sweeps over the published-format trajectory into one new CSV, in this process with one
+    thread as the subprocess sweeps of `published_results` (the same rounding: cells can be compared)."""
+    out = tmp_path_factory.mktemp("methods") / "results.csv"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for flags in (["--method", "swa", "--swa-starts", "2"], ["--method", "ema", "--decays", "0.5"],
+                      ["--method", "ewa", "--ks", "2", "--spacing", "2"]):
+            evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), *flags])
+    finally:
+        torch.set_num_threads(threads)
+    return lawa_utils.read_results(out)
+
+
+def test_method_sweeps_write_their_labels_and_the_baseline_once(method_results):
+    cells = sorted(set(zip(method_results["method"], method_results["k"], method_results["epoch"], strict=True)))
+    # SWA from 2 at E=2 is one checkpoint (k=1) yet an swa row; EMA's k is 1/(1−d); EWA s=2, k=2 ends at 3.
+    assert cells == [("baseline", 1, 1), ("baseline", 1, 2), ("baseline", 1, 3), ("ema", 2, 1), ("ema", 2, 2),
+                     ("ema", 2, 3), ("ewa-s2", 2, 3), ("swa", 1, 2), ("swa", 2, 3)]
+    assert len(method_results) == len(cells) * 6  # the baseline was written by the first sweep only
+
+
+def test_swa_and_ema_cells_equal_the_lawa_cells_of_the_same_weights(method_results, published_results):
+    # SWA from 2 at E=3 and EMA d=0.5 at E=2 are the mean of two checkpoints, as LAWA k=2 at E=3 and E=2.
+    pd.testing.assert_series_equal(cell(method_results, "swa", 2, 3), cell(published_results, "lawa", 2, 3))
+    ema, lawa = cell(method_results, "ema", 2, 2), cell(published_results, "lawa", 2, 2)  # 0.5·θ1 + 0.5·θ2 rounds
+    for split in ("train", "val"):                                                       # differently from (θ1+θ2)/2
+        assert ema[split, "loss"] == pytest.approx(lawa[split, "loss"], rel=1e-4)
+        assert ema[split, "acc1"] == pytest.approx(lawa[split, "acc1"], abs=100 / 256 + 1e-9)
+    # SWA at its start is the checkpoint itself, evaluated with BatchNorm recomputed like every averaged cell.
+    assert not cell(method_results, "swa", 1, 2).equals(cell(method_results, "baseline", 1, 2))
+
+
+def test_method_sweep_reruns_skip_done_cells_and_redo_torn_ones(method_results, published, evaluate_lawa, tmp_path,
+                                                                capsys):
+    out = tmp_path / "results.csv"
+    torn = (method_results["method"] == "swa") & (method_results["epoch"] == 3) & (
+        method_results["split"] == "val") & (method_results["metric"] == "acc5")
+    method_results[~torn].to_csv(out, index=False)  # the swa E=3 cell lost its last row: a sweep killed mid-cell
+    evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), "--method", "swa",
+                        "--swa-starts", "2"])
+    assert "1 cells in" in capsys.readouterr().out
+    again = lawa_utils.read_results(out)
+    assert len(again) == len(method_results) - 1 + 6
+    evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), "--method", "ema",
+                        "--decays", "0.5"])
+    assert "all ema cells" in capsys.readouterr().out and len(lawa_utils.read_results(out)) == len(again)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--method", "swa", "--decays", "0.5"], "--decays applies to --method ema, not swa"),
+    (["--method", "ema", "--ks", "2"], "--ks applies to --method uni or exp or ewa, not ema"),
+    (["--method", "ema"], "--method ema needs --decays, e.g. --decays 0.5,0.75"),
+    (["--method", "ewa", "--ks", "2"], "--method ewa needs --spacing"),
+    (["--method", "ema", "--decays", "0.5,x"], "--decays must be comma-separated numbers"),
+    (["--method", "ema", "--decays", "1"], "EMA decay must be in [0, 1), got 1.0"),
+    (["--method", "swa", "--swa-starts", "5"], "SWA start epoch 5 has no checkpoint (have 1..3)"),
+])
+def test_bad_method_flags_are_refused_in_one_line(published, capsys, evaluate_lawa, flags, fragment):
+    one_line_error(capsys, evaluate_lawa.main, [*DATA, "--ckpt-dir", str(published), *flags], fragment)
+
+
+def test_both_commands_read_the_trajectory_flags_from_args_json_unless_given(trajectory, tmp_path, evaluate_lawa):
+    common, train_twa = load_script("common"), load_script("train_twa")
+    for parser, extra in ((evaluate_lawa.get_args_parser(), []), (train_twa.get_args_parser(), ["--range", "1:2"])):
+        args = common.parse_trajectory_args(parser, ["fashion-mnist", "--ckpt-dir", str(trajectory), *extra,
+                                                     "--image-size", "20"])
+        assert (args.arch, args.image_size, args.train_subset, args.optimizer, args.batch_size) == (
+            ARCH, 20, 256, "lookahead", 64)
+    (tmp_path / "args.json").write_text("{not json")
+    with pytest.raises(lawa_utils.LawaError, match="args.json is not the JSON record main.py writes"):
+        common.trajectory_defaults(tmp_path)

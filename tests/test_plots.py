@@ -16,13 +16,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `plots`: a top-level folder, not installed
 
+from plots import fig7_methods
 from plots.fig4_early_phase import first_crossing
+from plots.figstyle import Skip
 from plots.hours_saved import hours_saved
 from plots.summary import summarize, to_markdown
 from plots.tidy import RESULT_COLUMNS, TidyError, curve, load_inputs, pick_k, read_tidy
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = sorted(p.stem for p in (REPO / "plots").glob("fig[1-6]_*.py"))
+FIGURES = sorted(p.stem for p in (REPO / "plots").glob("fig[1-9]_*.py"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +92,31 @@ def synthetic_run(epochs: int, ks, seed: int, *, loss_only: bool = False, optimi
     return log, results
 
 
+def method_rows(epochs: int, seed: int) -> list[dict]:
+    """ema (two decays), swa from half the run, ewa-s2 and twa rows, as reproduce_all.sh's methods stage writes
+    them (val acc1 as fractions, val loss), around the noiseless curve of ``synthetic_run``."""
+    rng = np.random.default_rng(seed + 100)
+    acc = 0.2 + 0.65 * (1 - np.exp(-np.arange(1, epochs + 1) / (epochs / 5)))
+    rows = []
+
+    def add(method, k, epoch, offset):
+        a = acc[epoch - 1] + offset + rng.normal(0, 0.005)
+        rows.extend([row(method, k, epoch, "val", "acc1", a, seed=seed),
+                     row(method, k, epoch, "val", "loss", 0.3 + 2.2 * (1 - a), seed=seed)])
+
+    half = epochs // 2
+    for epoch in range(1, epochs + 1):
+        add("ema", 2, epoch, -0.01)
+        add("ema", 4, epoch, -0.02)
+    for epoch in range(half, epochs + 1):
+        add("swa", epoch - half + 1, epoch, 0.0)
+    for epoch in range(7, epochs + 1):
+        add("ewa-s2", 4, epoch, -0.01)
+    for epoch in (half, 3 * epochs // 4, epochs):
+        add("twa", epochs - half, epoch, 0.005)
+    return rows
+
+
 def build_inputs(root: Path) -> dict[str, Path]:
     """imagenet/, bert/ and appendix/seed{N}/{sgd,lookahead}/ with log.csv and results.csv."""
     dirs = {"imagenet": root / "imagenet", "bert": root / "bert", "appendix": root / "appendix"}
@@ -102,7 +129,7 @@ def build_inputs(root: Path) -> dict[str, Path]:
     for seed in (0, 1, 2):
         log, results = synthetic_run(40, (4,), seed=seed, exp=True)   # one k, as reproduce_all.sh sweeps
         write_csv(dirs["appendix"] / f"seed{seed}" / "sgd" / "log.csv", log)
-        write_csv(dirs["appendix"] / f"seed{seed}" / "sgd" / "results.csv", results)
+        write_csv(dirs["appendix"] / f"seed{seed}" / "sgd" / "results.csv", results + method_rows(40, seed))
         log, _ = synthetic_run(40, (), seed=seed, optimizer="lookahead", smooth=0.6, noise_seed=seed + 10)
         write_csv(dirs["appendix"] / f"seed{seed}" / "lookahead" / "log.csv", log)
     return dirs
@@ -341,4 +368,45 @@ def test_summary_reports_mean_and_std_over_the_appendix_seeds(inputs):
     assert sgd["final_std"] == pytest.approx(np.std(finals, ddof=1))
     assert "| val_acc1 | SGD | 3 | " in to_markdown(data)
 
+
+def test_methods_table_counts_epochs_to_each_seeds_own_target(tmp_path):
+    # Seed 0's baseline ends at 80 % (target 79), seed 1's at 70 % (target 69); a tie reaches the target.
+    curves = {("baseline", 1): {0: [50, 70, 78, 80], 1: [40, 60, 69.5, 70]},
+              ("ema", 2): {0: [55, 72, 79, 80.2], 1: [45, 66, 69, 70.1]},
+              ("swa", None): {0: [75, 79.5, 80.5], 1: [65, 68, 68.9]}}      # from epoch 2: k = E − 1
+    rows = []
+    for (method, k), seeds in curves.items():
+        for seed, values in seeds.items():
+            first = 5 - len(values)
+            rows += [row(method, k or epoch - first + 1, epoch, "val", "acc1", v, seed=seed)
+                     for epoch, v in enumerate(values, start=first)]
+    write_csv(tmp_path / "results.csv", rows)
+    data = fig7_methods.table(load_inputs(appendix=tmp_path).appendix)
+    assert data["targets"] == {0: 79.0, 1: 69.0} and data["baseline_final_epoch"] == 4
+    got = {r["curve"]: r for r in data["curves"]}
+    assert list(got) == ["SGD baseline", "EMA d=0.5", "SWA from epoch 2"]
+    base, ema, swa = got.values()
+    assert base["target_epochs"] == {0: 4, 1: 3} and base["target_epochs_mean"] == 3.5
+    assert base["target_epochs_std"] == pytest.approx(np.std([4, 3], ddof=1))
+    assert ema["target_epochs"] == {0: 3, 1: 3} and (ema["reached"], ema["target_epochs_std"]) == (2, 0.0)
+    assert swa["target_epochs"] == {0: 3, 1: None} and swa["reached"] == 1 and swa["target_epochs_std"] is None
+    assert (ema["best_mean"], ema["final_epoch"], base["final_mean"]) == (pytest.approx(75.15), 4, 75.0)
+    assert swa["final_loss_mean"] is None  # no val_loss rows
+    text = to_markdown({"hours_saved": [], "best_final": [], "appendix": [], "methods": data})
+    assert "| SWA from epoch 2 | 3.0 (1/2) | 74.70 ± 8.20 | 74.70 ± 8.20 (4) | -0.30 ± 1.13 | - |" in text
+    assert "(seed 0: 79.00, seed 1: 69.00)" in text
+
+
+def test_methods_figure_and_summary_from_the_appendix_runs(inputs, tmp_path):
+    data = summarize(load_inputs(appendix=inputs["appendix"]))["methods"]
+    labels = [r["curve"] for r in data["curves"]]
+    assert labels == ["SGD baseline", "LAWA k=4", "EXP k=4", "EMA d=0.5", "EMA d=0.75", "SWA from epoch 20",
+                      "EWA k=4, every 2", "TWA"]
+    assert data["target_points"] == 0.01  # the appendix CSVs hold fractions: 1 point is 0.01
+    assert all(r["n"] == 3 for r in data["curves"])
+    twa = data["curves"][-1]
+    assert set(twa["target_epochs"].values()) <= {20, 30, 40, None} and twa["final_epoch"] == 40
+    without = load_inputs(appendix=inputs["appendix"] / "seed0" / "lookahead")  # no sweep rows at all
+    with pytest.raises(Skip, match="needs --appendix with rows of method=ema, swa, ewa-s\\* or twa"):
+        fig7_methods.make(without, tmp_path)
 

@@ -169,8 +169,10 @@ def test_training_loop_with_the_scheduler_killed_and_resumed_gives_bit_identical
     killed.mkdir()
     reference = _start_loop(uninterrupted, tmp_path / "uninterrupted.txt")  # runs beside the killed loops
     rng = random.Random(11)
-    kills = []
-    for i, target in enumerate(sorted(rng.sample(range(30, LOOP_STEPS - 100, 10), 2))):
+    kills, resumed_from = [], 0
+    for i in range(2):
+        # a target past the step the previous kill left on disk: the resumed loop never prints earlier steps
+        target = rng.randrange(resumed_from + 30, resumed_from + 130, 10)
         out = tmp_path / f"killed{i}.txt"
         proc = _start_loop(killed, out)
         wait_until(proc, lambda out=out, target=target: f"step {target}\n" in out.read_text())
@@ -178,6 +180,7 @@ def test_training_loop_with_the_scheduler_killed_and_resumed_gives_bit_identical
         kills.append(kill_9(proc))
         saved = lu.load_checkpoint(killed / "checkpoint.pt")  # whatever the moment, the checkpoint loads
         assert saved["step"] % 10 == 0 and saved["step"] >= target
+        resumed_from = saved["step"]
         print(f"scheduler loop: killed after step {target}, resumed from step {saved['step']}")
     assert kills == [True] * 2, "the loop finished before it could be killed"
     proc = _start_loop(killed, tmp_path / "resumed.txt")

@@ -46,6 +46,18 @@ EWA, k, spacing s  (1/k) Σ θ_{E−j·s},  j = 0 … k−1                  ``e
   With s = 1, (a) is LAWA itself and (b) is LAWA at every k-th epoch. ``s`` goes into the ``method`` column
   (``ewa-s4``) because ``k`` alone would merge different spacings.
 
+The sweep scripts (``imagenet/evaluate_lawa.py``, ``bert/evaluate_lawa.py``) share their ``--method`` flags
+through this module: :func:`add_method_args` adds them, :func:`method_options` checks them (one line per
+mistake) and returns :func:`iter_method_averages`' keywords, :func:`csv_method` gives the CSV label,
+:func:`iter_sweep_cells` yields the cells still to do (method and baseline) and :func:`summary_table` pivots
+the results for the summary a sweep prints::
+
+    lm.add_method_args(parser)                              # --method --ks --alpha --decays --swa-starts …
+    args = parser.parse_args()
+    done = lu.done_cells(out, [lm.csv_method(args), "baseline"], ["val"], ["loss"], optimizer, seed)
+    for label, end, k, state in lm.iter_sweep_cells(args, ckpts, None, done):
+        ...                                                 # evaluate, lu.append_rows(out, rows)
+
 TWA (Li et al., ICLR 2023, "Trainable Weight Averaging: Efficient Training by Optimizing Historical
 Solutions") trains the averaging coefficients: SGD in the linear span of n checkpoints' parameters. See
 :func:`build_subspace` (the orthonormal basis P, memory n × D floats, one block of rows per process) and
@@ -63,6 +75,7 @@ Solutions") trains the averaging coefficients: SGD in the linear span of n check
 
 from __future__ import annotations
 
+import argparse
 import collections
 import math
 import os
@@ -77,11 +90,16 @@ import lawa_utils as lu
 from lawa_utils import LawaError, check_compatible, check_finite
 
 __all__ = [
+    "CLI_METHODS",
+    "DEFAULT_KS",
     "METHODS",
+    "METHOD_FLAGS",
     "TWA_SCHEDULES",
     "Subspace",
     "TWAProjector",
+    "add_method_args",
     "build_subspace",
+    "csv_method",
     "default_max_bytes",
     "ema_label",
     "ewa_window",
@@ -90,10 +108,15 @@ __all__ = [
     "iter_ewa_averages",
     "iter_method_averages",
     "iter_swa_averages",
+    "iter_sweep_cells",
     "method_label",
+    "method_options",
     "orthonormalize_rows_",
     "param_names",
+    "parse_ks",
+    "parse_list",
     "row_block",
+    "summary_table",
     "twa_epochs",
     "twa_lr_factor",
     "twa_memory_bytes",
@@ -409,6 +432,138 @@ def iter_method_averages(
             raise LawaError("ewa needs window sizes k")
         return iter_ewa_averages(checkpoints, ks, spacing, ends, blocks=blocks, **common)
     raise LawaError(f"unknown averaging method '{method}' (choose {', '.join(METHODS)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep scripts' --method flags (imagenet/evaluate_lawa.py, bert/evaluate_lawa.py)
+# --------------------------------------------------------------------------------------------------
+
+# --method → the name iter_method_averages (and the CSV's method column, but for EWA's spacing) uses for it.
+CLI_METHODS = {"uni": "lawa", "exp": "exp", "ema": "ema", "swa": "swa", "ewa": "ewa"}
+# Flags that belong to one or a few methods; given to another they are refused rather than ignored.
+METHOD_FLAGS = {"ks": ("uni", "exp", "ewa"), "decays": ("ema",), "swa_starts": ("swa",), "spacing": ("ewa",),
+                "ewa_blocks": ("ewa",)}
+DEFAULT_KS = "2,4,6,8,10"
+
+
+def add_method_args(parser: argparse.ArgumentParser, default_ks: str = DEFAULT_KS) -> None:
+    """Add ``--method uni|exp|ema|swa|ewa`` and its flags (``--ks``, ``--alpha``, ``--decays``,
+    ``--swa-starts``, ``--spacing``, ``--ewa-blocks``) to a sweep script's parser; :func:`method_options`
+    turns the parsed flags into :func:`iter_method_averages`' keywords. ``--ks`` defaults to ``default_ks``
+    (kept as ``args.default_ks``) for the methods that take it."""
+    parser.add_argument("--method", choices=list(CLI_METHODS), default="uni",
+                        help="uni: LAWA's uniform average (default); exp: the paper's Appendix C exponential "
+                        "weights; ema: exponential moving average; swa: the mean from a start epoch; ewa: "
+                        "LAWA over checkpoints spaced s epochs apart")
+    parser.add_argument("--ks", default=None, help=f"uni, exp, ewa: window sizes k, comma-separated "
+                        f"(default: {default_ks})")
+    parser.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
+    parser.add_argument("--decays", default=None, metavar="D,...",
+                        help="ema: decays d per epoch, comma-separated, e.g. 0.5,0.75 (k column: 1/(1−d))")
+    parser.add_argument("--swa-starts", default=None, metavar="S,...",
+                        help="swa: start epochs s, comma-separated; the SWA point at E averages s..E")
+    parser.add_argument("--spacing", type=int, default=None, metavar="S",
+                        help="ewa: epochs between the averaged checkpoints (1 would be LAWA)")
+    parser.add_argument("--ewa-blocks", action="store_true",
+                        help="ewa: only the non-overlapping blocks of Sanyal et al.'s script, not every E")
+    parser.set_defaults(default_ks=default_ks)
+
+
+def parse_ks(text: str) -> list[int]:
+    """``--ks``: distinct window sizes k ≥ 2, sorted (k=1 is the plain checkpoint: the baseline rows)."""
+    try:
+        ks = sorted({int(k) for k in text.split(",")})
+    except ValueError:
+        raise LawaError(f"--ks must be comma-separated integers such as 2,4,6, got '{text}'") from None
+    if ks[0] < 2:
+        raise LawaError(f"--ks must be ≥ 2 (k=1 is the plain checkpoint: the baseline rows), got '{text}'")
+    return ks
+
+
+def parse_list(text: str | None, kind: Callable, flag: str, example: str, method: str) -> list:
+    """A comma-separated ``flag`` that ``--method method`` needs, each value converted by ``kind``."""
+    if text is None:
+        raise LawaError(f"--method {method} needs {flag}, e.g. {flag} {example}")
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise LawaError(f"{flag} must be comma-separated numbers such as {example}, got '{text}'") from None
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """:func:`iter_method_averages`' keywords for ``args.method`` (flags from :func:`add_method_args`): a
+    method's flags are required (or defaulted, ``--ks``), flags of other methods refused."""
+    for flag, methods in METHOD_FLAGS.items():
+        if getattr(args, flag) not in (None, False) and args.method not in methods:
+            raise LawaError(f"--{flag.replace('_', '-')} applies to --method {' or '.join(methods)}, "
+                            f"not {args.method}")
+    default_ks = getattr(args, "default_ks", DEFAULT_KS)
+    if args.method in ("uni", "exp"):
+        return {"ks": parse_ks(args.ks or default_ks), "alpha": args.alpha}
+    if args.method == "ema":
+        return {"decays": parse_list(args.decays, float, "--decays", "0.5,0.75", "ema")}
+    if args.method == "swa":
+        return {"starts": parse_list(args.swa_starts, int, "--swa-starts", "6", "swa")}
+    if args.spacing is None:
+        raise LawaError("--method ewa needs --spacing, e.g. --spacing 2")
+    return {"ks": parse_ks(args.ks or default_ks), "spacing": args.spacing, "blocks": args.ewa_blocks}
+
+
+def csv_method(args: argparse.Namespace) -> str:
+    """The CSV's method column for ``args.method``: lawa, exp, ema, swa or ewa-s{spacing}."""
+    return method_label(CLI_METHODS[args.method], spacing=args.spacing or 1)
+
+
+def iter_sweep_cells(
+    args: argparse.Namespace,
+    checkpoints: Mapping[int, Any],
+    ends: Iterable[int] | None,
+    done: Mapping[str, set[tuple[int, int]]],
+    *,
+    baseline_in_pass: bool = False,
+    load: Callable | None = None,
+) -> Iterator[tuple[str, int, int, dict[str, torch.Tensor]]]:
+    """``(CSV method, E, k, state)`` for every cell of a sweep script still to do: ``--method``'s averages
+    (:func:`iter_method_averages`, every checkpoint read once) and then, unless ``args.no_baseline``, the
+    baseline (k=1: the plain checkpoints, CSV method ``baseline``) in a second pass over the checkpoints
+    whose baseline cell is still to do. ``args`` holds :func:`add_method_args`' flags, ``no_baseline`` and
+    ``trust_checkpoints``.
+
+    ``done`` maps CSV method → (E, k) cells already in the results (``lawa_utils.done_cells``); they are
+    skipped. ``baseline_in_pass=True`` with ``--method uni`` takes the baseline's windows of one in the LAWA
+    pass instead (a uniform window of one is the checkpoint itself, bit for bit): every file is read once in
+    all, and cells come in order of E. ``load=lambda path: {}`` plans without reading: it validates every
+    window (a missing checkpoint is named) and counts the cells.
+    """
+    label, options = csv_method(args), method_options(args)
+    trust, baseline = args.trust_checkpoints, not args.no_baseline
+    skip_base = set(done.get("baseline", ()))
+    if baseline_in_pass and args.method == "uni" and baseline:
+        skip = {cell for cell in done.get(label, ()) if cell[1] > 1} | {cell for cell in skip_base if cell[1] == 1}
+        options = {**options, "ks": [1, *options["ks"]]}
+        cells = iter_method_averages("lawa", checkpoints, ends=ends, trust=trust, skip=skip, load=load, **options)
+        yield from (("baseline" if k == 1 else label, end, k, state) for end, k, state in cells)
+        return
+    cells = iter_method_averages(CLI_METHODS[args.method], checkpoints, ends=ends, trust=trust,
+                                 skip=done.get(label, ()), load=load, **options)
+    yield from ((label, end, k, state) for end, k, state in cells)
+    if baseline:
+        cells = lu.iter_window_averages(checkpoints, [1], ends, trust=trust, skip=skip_base, load=load)
+        yield from (("baseline", end, k, state) for end, k, state in cells)
+
+
+def summary_table(results, label: str, *, optimizer: str, seed: int, split: str, metric: str):
+    """A sweep's summary, from its tidy results (a DataFrame, ``lawa_utils.read_results``): ``split``'s
+    ``metric`` for each end epoch E (rows), for the baseline and each curve of ``label`` (columns: a k; for
+    SWA a start s = E − k + 1, whose k grows with E)."""
+    rows = results[(results["optimizer"].astype(str) == optimizer) & (results["seed"] == seed).fillna(False)
+                   & (results["split"] == split) & (results["metric"] == metric)
+                   & results["method"].isin(["baseline", label])]
+    swa = rows["method"] == "swa"  # an SWA curve is a start s; its k grows with E
+    number = rows["k"].where(~swa, rows["epoch"] - rows["k"] + 1).astype(str)
+    rows = rows.assign(curve=("k=" + number).where(~swa, "s=" + number))
+    table = rows.pivot_table(index="epoch", columns=["method", "curve"], values="value", aggfunc="last")
+    return table[sorted(table.columns, key=lambda c: (c[0] != "baseline", c[0], int(c[1][2:])))]  # k=2 < k=10
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import contextlib
 import csv
 import glob
 import io
+import json
 import math
 import os
 import pickle
@@ -58,14 +59,17 @@ __all__ = [
     "average_state_dicts",
     "check_compatible",
     "check_finite",
+    "done_cells",
     "find_checkpoints",
     "iter_window_averages",
     "load_checkpoint",
     "load_model_state",
     "main",
     "method_weights",
+    "parse_epochs",
     "read_results",
     "recompute_bn",
+    "record_run",
     "run_info",
     "save_checkpoint",
     "split_checkpoint",
@@ -465,6 +469,25 @@ def find_checkpoints(ckpt_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def parse_epochs(text: str | None, checkpoints: Mapping[int, Any]) -> list[int]:
+    """A sweep's ``--epochs``: end epochs E from ``'A:B'``, ``'A:B:STEP'`` (inclusive) or ``'E'``, each with a
+    checkpoint in ``checkpoints``; ``None``: every epoch that has one."""
+    if text is None:
+        return sorted(checkpoints)
+    try:
+        parts = [int(p) for p in text.split(":")]
+        ends = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1)) if len(parts) > 1 else parts
+    except (ValueError, IndexError):
+        raise LawaError(f"--epochs must be 'A:B', 'A:B:STEP' or 'E', got '{text}'") from None
+    if not ends or len(parts) > 3:
+        raise LawaError(f"--epochs must be 'A:B', 'A:B:STEP' or 'E' with A ≤ B, got '{text}'")
+    missing = [e for e in ends if e not in checkpoints]
+    if missing:
+        have = f"checkpoint{min(checkpoints)}.pt..checkpoint{max(checkpoints)}.pt"
+        raise LawaError(f"--epochs {text}: no checkpoint{missing[0]}.pt (have {have})")
+    return ends
+
+
 def _plan_cells(
     checkpoints: Mapping[int, Any], ks: Iterable[int], ends: Iterable[int] | None
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
@@ -734,6 +757,54 @@ def read_results(path: str | os.PathLike):
     df = df[list(RESULT_COLUMNS)]
     df.attrs["source"] = str(path)
     return df
+
+
+def done_cells(
+    path: str | os.PathLike,
+    labels: Iterable[str],
+    splits: Iterable[str],
+    metrics: Iterable[str],
+    optimizer: str,
+    seed: int,
+) -> dict[str, set[tuple[int, int]]]:
+    """For each method label, the (E, k) cells of one trajectory (``optimizer``, ``seed``) complete in the
+    results CSV ``path``: a row for every metric of every split asked for. A sweep killed halfway through a
+    cell left it incomplete, so a rerun redoes it. A missing file has no cells done.
+    """
+    done: dict[str, set[tuple[int, int]]] = {label: set() for label in labels}
+    path = Path(path)
+    if not path.exists():
+        return done
+    rows = read_results(path)
+    mine = (rows["optimizer"].astype(str) == optimizer) & (rows["seed"] == seed).fillna(False)
+    rows = rows[mine & rows["method"].isin(list(done))]
+    need = {(s, m) for s in splits for m in metrics}
+    for (label, end, k), cell in rows.groupby(["method", "epoch", "k"]):
+        if need <= set(zip(cell["split"], cell["metric"], strict=True)):
+            done[label].add((int(end), int(k)))
+    return done
+
+
+def record_run(results: str | os.PathLike, args: argparse.Namespace | Mapping[str, Any]) -> Path:
+    """Append this run's record (``run_info()``: command, versions, git sha, hardware; and its settings,
+    ``args``) to ``RESULTS.args.json`` beside a results CSV, atomically. Returns that file's path.
+
+    The CSV holds the numbers; settings that are not in its columns (batch sizes, data, …) are kept here,
+    one entry per run that computed cells.
+    """
+    results = Path(results)
+    path = results.with_name(results.stem + ".args.json")
+    try:
+        runs = json.loads(path.read_text()) if path.exists() else []
+    except json.JSONDecodeError:
+        raise LawaError(f"{path} is not the JSON list of runs this file holds; move it away") from None
+    if not isinstance(runs, list):
+        raise LawaError(f"{path} is not the JSON list of runs this file holds; move it away")
+    settings = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    runs.append({**run_info(), "args": settings})
+    text = json.dumps(runs, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()), force=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,18 +1,29 @@
 #!/usr/bin/env python
-"""The LAWA sweep over a fairseq masked-LM trajectory: every end epoch E × every window size k, plus the baseline.
+"""The averaging sweep over a fairseq masked-LM trajectory: LAWA (every end epoch E × every window size k) or
+another averaging method, plus the baseline.
 
-For each E and k the k latest checkpoints θ_{E−k+1} … θ_E are averaged (``lawa_utils.iter_window_averages``:
-model tensors only, every file read once) and the masked-LM loss is computed exactly as
+For each E and k the k latest checkpoints θ_{E−k+1} … θ_E are averaged (``--method uni``, LAWA; ``exp``, the
+paper's Appendix C weights), or another method's averages are built (below), model tensors only, every file
+read once per pass (``lawa_methods.iter_sweep_cells``), and the masked-LM loss is computed exactly as
 ``fairseq-validate`` computes it: fairseq's own task, model and criterion, built once from a checkpoint of the
 trajectory; the same batches (``--batch-size``, size-sorted, unshuffled) and the same masks (the masking seed
 stored in the checkpoints, epoch 1); ``task.valid_step`` and ``task.reduce_metrics``. Losses are in bits, as
-fairseq prints them (the CSV keeps all digits; fairseq's log rounds to 3). Rows go to the tidy results CSV:
-``lawa`` (or ``exp``, the paper's Appendix C weighting), and ``baseline`` rows (k=1) for the plain checkpoints.
+fairseq prints them (the CSV keeps all digits; fairseq's log rounds to 3). Rows go to the tidy results CSV
+under the method's label (below), and ``baseline`` rows (k=1) for the plain checkpoints: with ``--method uni``
+they ride in the LAWA pass, with another method the baseline cells not yet in the CSV are a second pass.
 Cells already in the results file are skipped, so an interrupted sweep resumes.
 
     python bert/evaluate_lawa.py --ckpt-dir runs/bert/tiny --ks 2,4,6 --out runs/bert/results.csv
+    python bert/evaluate_lawa.py --ckpt-dir runs/bert/tiny --method ema --decays 0.5,0.9 --out runs/bert/results.csv
     python bert/evaluate_lawa.py data-bin/wikitext-103 --ckpt-dir lawa-roberta --ks 2,4,6,8,10 --epochs 10:200 \
         --train-batches 50            # the paper's published trajectory, read as it is
+
+The methods, their flags, CSV labels and k columns are those of ``imagenet/evaluate_lawa.py`` (the table
+in its docstring): ``lawa_methods`` defines them for both sweeps.
+
+A flag of another method is refused, not ignored (``--alpha`` aside: only exp reads it). SWA at its start
+epoch and EMA at f are the checkpoint itself; they are written as ``swa``/``ema`` rows (equal to the
+baseline's loss: nothing is recomputed here).
 
 The validation data is the folder recorded in the checkpoints unless DATA is given. Training loss, if asked
 for (``--train-batches N``), is measured on N batches spread evenly over fairseq's training batches: a fixed
@@ -23,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
-import json
 import math
 import os
 import pickle
@@ -32,21 +41,15 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lawa_plugin  # registers the safe globals fairseq checkpoints need, before fairseq loads any
 import torch
 from tqdm import tqdm
 
-from lawa_utils import (
-    LawaError,
-    append_rows,
-    atomic_write,
-    find_checkpoints,
-    iter_window_averages,
-    read_results,
-    run_info,
-)
+import lawa_methods as lm
+from lawa_utils import LawaError, append_rows, done_cells, find_checkpoints, parse_epochs, read_results, record_run
 
 PROG = "evaluate_lawa.py"
 SPLIT_NAMES = {"val": "validation", "train": "training"}
@@ -57,10 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("data", nargs="?", default=None, metavar="DATA",
                         help="fairseq-preprocess output folder (default: the one recorded in the checkpoints)")
     parser.add_argument("--ckpt-dir", required=True, type=Path, help="directory with checkpoint{E}.pt")
-    parser.add_argument("--ks", default="2,4,6,8,10", help="window sizes k, comma-separated (default: 2,4,6,8,10)")
-    parser.add_argument("--method", choices=["uni", "exp"], default="uni",
-                        help="uni: LAWA's uniform average; exp: the paper's Appendix C exponential weights")
-    parser.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
+    lm.add_method_args(parser)
     parser.add_argument("--epochs", default=None, metavar="A:B",
                         help="end epochs E to evaluate, inclusive: 'A:B', 'A:B:STEP' or 'E' (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="results CSV (default: CKPT_DIR/results.csv)")
@@ -76,31 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-checkpoints", action="store_true",
                         help="allow arbitrary unpickling (can run code): only for files from a source you trust")
     return parser
-
-
-def parse_ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in text.split(",")})
-    except ValueError:
-        raise LawaError(f"--ks must be comma-separated integers such as 2,4,6, got '{text}'") from None
-    if ks[0] < 2:
-        raise LawaError(f"--ks must be ≥ 2 (k=1 is the plain checkpoint: the baseline rows), got '{text}'")
-    return ks
-
-
-def parse_epochs(text: str | None, checkpoints: dict) -> list[int]:
-    if text is None:
-        return sorted(checkpoints)
-    try:
-        parts = [int(p) for p in text.split(":")]
-        ends = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1)) if len(parts) > 1 else parts
-    except (ValueError, IndexError):
-        raise LawaError(f"--epochs must be 'A:B', 'A:B:STEP' or 'E', got '{text}'") from None
-    missing = [e for e in ends if e not in checkpoints]
-    if not ends or len(parts) > 3 or missing:
-        have = f"checkpoint{min(checkpoints)}.pt..checkpoint{max(checkpoints)}.pt"
-        raise LawaError(f"--epochs {text}: no checkpoint{missing[0] if missing else ''}.pt (have {have})")
-    return ends
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,20 +185,6 @@ def masked_lm_loss(task, model, criterion, batches: list, device: torch.device) 
 # --------------------------------------------------------------------------------------------------
 
 
-def done_cells(out: Path, method: str, splits: list[str], optimizer: str, seed: int) -> tuple[set, set]:
-    """(E, k) cells of this trajectory already in ``out`` with every split asked for: sweep and baseline."""
-    if not out.exists():
-        return set(), set()
-    rows = read_results(out)
-    rows = rows[(rows["optimizer"].astype(str) == optimizer) & (rows["seed"] == seed) & (rows["metric"] == "loss")]
-
-    def cells(m: str) -> set:
-        have = rows[rows["method"] == m].groupby(["epoch", "k"])["split"].agg(set)
-        return {(int(e), int(k)) for (e, k), got in have.items() if set(splits) <= got}
-
-    return cells(method), cells("baseline")
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         sweep(get_args_parser().parse_args(argv))
@@ -232,8 +193,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def iter_cells(args: argparse.Namespace, checkpoints: dict, ends: list[int], done: dict[str, set],
+               load=None) -> Iterator[tuple[str, int, int, dict]]:
+    """``(CSV method, E, k, state)`` for every cell still to do; with ``--method uni`` the baseline rides in
+    the LAWA pass (checkpoints are large here: each is read once in all), else it is a second pass."""
+    return lm.iter_sweep_cells(args, checkpoints, ends, done, baseline_in_pass=True, load=load)
+
+
+def count_cells(args: argparse.Namespace, checkpoints: dict, ends: list[int], done: dict[str, set]) -> int:
+    """The cells still to do, planned with a loader that reads nothing: the sweeps decide their own cells
+    (and name a checkpoint missing inside a window) without a second copy of their rules here."""
+    return sum(1 for _ in iter_cells(args, checkpoints, ends, done, load=lambda path: {}))
+
+
 def sweep(args: argparse.Namespace) -> None:
-    ks = parse_ks(args.ks)
+    lm.method_options(args)  # flag errors first, before anything is read
     checkpoints = find_checkpoints(args.ckpt_dir)
     ends = parse_epochs(args.epochs, checkpoints)
     out = args.out or args.ckpt_dir / "results.csv"
@@ -243,31 +217,17 @@ def sweep(args: argparse.Namespace) -> None:
         raise LawaError("--train-batches must be ≥ 0 and --batch-size ≥ 1")
     if args.data is not None and not Path(args.data.split(":")[0]).is_dir():
         raise LawaError(f"DATA {args.data} is not a folder (the fairseq-preprocess output: bert/prepare_data.sh)")
+    label = lm.csv_method(args)
+    count_cells(args, checkpoints, ends, {})  # window and method errors before fairseq is even imported
 
-    task, model, criterion, cfg = load_fairseq(checkpoints[ends[-1]], args.data, args.trust_checkpoints)
-    optimizer, seed = str(cfg.optimizer._name), int(cfg.common.seed)
+    template = checkpoints[ends[-1]]
+    task, model, criterion, cfg = load_fairseq(template, args.data, args.trust_checkpoints)
+    optimizer, seed = str(cfg.optimizer._name), int(cfg.common.seed)  # the trajectory's, for the CSV
     splits = ["val"] + (["train"] if args.train_batches else [])
-    method = "lawa" if args.method == "uni" else "exp"
-    done_sweep, done_base = done_cells(out, method, splits, optimizer, seed)
-    first = min(checkpoints)
-    todo = sum((e, k) not in done_sweep for e in ends for k in ks if e - k + 1 >= first)
-    todo += 0 if args.no_baseline else sum((e, 1) not in done_base for e in ends)
-    # Validates every window (a checkpoint missing inside one is named) before any work is done. A uniform
-    # window of one is the checkpoint itself, bit for bit: with k=1 in the same pass every file is read once.
-    if args.method == "uni":
-        skip_base = {(e, 1) for e in ends if args.no_baseline or (e, 1) in done_base}
-        cells = iter_window_averages(checkpoints, [1, *ks], ends, trust=args.trust_checkpoints,
-                                     skip=done_sweep | skip_base)
-    else:
-        cells = iter_window_averages(checkpoints, ks, ends, method="exp", alpha=args.alpha,
-                                     trust=args.trust_checkpoints, skip=done_sweep)
-        if not args.no_baseline:  # usually done already by the uniform sweep
-            cells = itertools.chain(cells, iter_window_averages(checkpoints, [1], ends,
-                                                                trust=args.trust_checkpoints, skip=done_base))
-    cells = iter(cells)
-    pending = next(cells, None)
-    if pending is None:
-        print(f"{PROG}: all cells of {args.ckpt_dir} are already in {out}")
+    done = done_cells(out, [label, "baseline"], splits, ["loss"], optimizer, seed)
+    todo = count_cells(args, checkpoints, ends, done)
+    if not todo:
+        print(f"{PROG}: all {label} cells of {args.ckpt_dir} are already in {out}")
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -282,40 +242,29 @@ def sweep(args: argparse.Namespace) -> None:
     record_run(out, args)
     started = time.perf_counter()
     with tqdm(total=todo, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True) as bar:
-        for end, k, state in itertools.chain([pending], cells):
+        for name, end, k, state in iter_cells(args, checkpoints, ends, done):
             try:
                 model.load_state_dict(state, strict=True, model_cfg=cfg.model)
             except RuntimeError as exc:
-                raise LawaError(f"the average of checkpoints {end - k + 1}..{end} does not fit the model built "
-                                f"from checkpoint{ends[-1]}.pt ({str(exc).splitlines()[0]})") from None
+                what = f"checkpoint{end}.pt" if name == "baseline" else f"the {name} average at E={end}, k={k}"
+                raise LawaError(f"{what} does not fit the model built from {template.name} "
+                                f"({str(exc).splitlines()[0]})") from None
             losses = {s: masked_lm_loss(task, model, criterion, b, device) for s, b in batches.items()}
             if not all(math.isfinite(v) for v in losses.values()):
-                print(f"{PROG}: warning: non-finite loss at E={end} k={k}: {losses}", file=sys.stderr)
-            append_rows(out, [{"method": method if k > 1 else "baseline", "k": k, "epoch": end, "split": s,
-                               "metric": "loss", "value": v, "wall_seconds": "", "optimizer": optimizer,
-                               "seed": seed} for s, v in losses.items()])
-            bar.set_postfix_str(f"E={end} k={k} val loss {losses['val']:.3f}")
+                print(f"{PROG}: warning: non-finite loss at {name} E={end} k={k}: {losses}", file=sys.stderr)
+            append_rows(out, [{"method": name, "k": k, "epoch": end, "split": s, "metric": "loss", "value": v,
+                               "wall_seconds": "", "optimizer": optimizer, "seed": seed} for s, v in losses.items()])
+            bar.set_postfix_str(f"{name} E={end} k={k} val loss {losses['val']:.3f}")
             bar.update()
     print(f"{PROG}: {bar.n} cells in {time.perf_counter() - started:.0f} s -> {out}")
-    print_summary(out, method, optimizer, seed)
+    print_summary(out, label, optimizer, seed)
 
 
-def record_run(out: Path, args: argparse.Namespace) -> None:
-    """Append this sweep's command, versions and settings (batch size, data, ...) to OUT.args.json."""
-    path = out.with_name(out.stem + ".args.json")
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append({**run_info(), "args": vars(args)})
-    text = json.dumps(runs, indent=2, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()), force=True)
-
-
-def print_summary(out: Path, method: str, optimizer: str, seed: int) -> None:
-    """Validation loss (bits) by end epoch: the baseline and each k, as in the paper's figures."""
-    rows = read_results(out)
-    rows = rows[(rows["optimizer"].astype(str) == optimizer) & (rows["seed"] == seed) & (rows["split"] == "val")
-                & (rows["metric"] == "loss") & rows["method"].isin(["baseline", method])]
-    table = rows.pivot_table(index="epoch", columns=["method", "k"], values="value", aggfunc="last")
-    print(f"validation masked-LM loss (bits) by end epoch E, {method} k columns:")
+def print_summary(out: Path, label: str, optimizer: str, seed: int) -> None:
+    """Validation loss (bits) by end epoch: the baseline and each curve of this method (a k; for SWA a start s),
+    as in the paper's figures."""
+    table = lm.summary_table(read_results(out), label, optimizer=optimizer, seed=seed, split="val", metric="loss")
+    print(f"validation masked-LM loss (bits) by end epoch E, {label} and the baseline:")
     print(table.round(3).to_string())
 
 

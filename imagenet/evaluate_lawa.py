@@ -7,9 +7,8 @@ the paper's Appendix C weights), or another method's averages are built (below);
 recomputed on training batches (the averaged running statistics do not belong to the averaged weights; the
 paper does a full training-set pass), and train/val loss, top-1 and top-5 are appended to the results CSV
 in the repository's tidy schema. The plain checkpoints are evaluated as ``baseline`` rows (k=1, their own
-BatchNorm statistics). The averages read every checkpoint once (``lawa_methods.iter_sweep_cells``); with
-``--method uni`` the baseline rides in the same pass, with another method the baseline cells not yet in the
-CSV are a second pass.
+BatchNorm statistics). The averages read every checkpoint once (``lawa_methods.iter_method_averages``);
+the baseline cells not yet in the CSV are a second pass.
 Cells already in the results file are skipped, so an interrupted sweep resumes.
 
     python imagenet/evaluate_lawa.py fashion-mnist --ckpt-dir runs/fmnist --ks 2,3,4 --out runs/fmnist/results.csv

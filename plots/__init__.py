@@ -4,6 +4,6 @@
     python plots/hours_saved.py --log LOG.csv --results RESULTS.csv --metric val_acc1 --k 6
 
 tidy.py reads and checks the CSVs (the schema is RESULT_COLUMNS there); hours_saved.py is the paper's
-"GPU hours saved"; fig1..fig6 are one script each; figstyle.py holds what they share; summary.py the tables.
+"GPU hours saved"; fig1..fig7 are one script each; figstyle.py holds what they share; summary.py the tables.
 The expected directory layout is in make_figures.py's docstring.
 """

@@ -261,6 +261,51 @@ def test_sweep_errors_name_the_missing_checkpoints_or_data(trained, ptb, tmp_pat
     assert "valid.bin is missing" in error(str(no_valid), "--ckpt-dir", str(trained))
 
 
+def test_method_sweeps_write_their_labels_and_an_ema_cell_equals_fairseq_validate_on_its_average(
+        trained, ptb, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    for flags in (["--method", "swa", "--swa-starts", "1,2"], ["--method", "ema", "--decays", "0.75"],
+                  ["--method", "ewa", "--ks", "2", "--spacing", "1", "--no-baseline"]):
+        evaluate_lawa.main(["--ckpt-dir", str(trained), "--out", str(out), *flags])
+    printed = capsys.readouterr().out
+    rows = lawa_utils.read_results(out).set_index(["method", "k", "epoch", "split"])["value"]
+    # SWA's k is E − s + 1, EMA's 1/(1 − d); the baseline was written by the first sweep only.
+    assert sorted((m, k, e) for m, k, e, _ in rows.index) == [
+        ("baseline", 1, 1), ("baseline", 1, 2), ("ema", 4, 1), ("ema", 4, 2), ("ewa-s1", 2, 2), ("swa", 1, 1),
+        ("swa", 1, 2), ("swa", 2, 2)]
+    # SWA at its start and EMA at the first checkpoint are the checkpoint itself; SWA from 1 at E=2 is the mean
+    # of checkpoints 1 and 2, as is EWA with spacing 1 and k=2 (LAWA).
+    assert rows["swa", 1, 1, "val"] == rows["baseline", 1, 1, "val"]
+    assert rows["swa", 1, 2, "val"] == rows["baseline", 1, 2, "val"]
+    assert rows["ema", 4, 1, "val"] == rows["baseline", 1, 1, "val"]
+    assert rows["swa", 2, 2, "val"] == rows["ewa-s1", 2, 2, "val"]
+    assert "s=1" in printed and "s=2" in printed and "k=4" in printed  # summaries: SWA curves by their start
+
+    # EMA with d=0.75 at E=2 is 0.75·θ1 + 0.25·θ2: written by hand as a fairseq checkpoint, validated by fairseq.
+    ema = lawa_utils.load_checkpoint(trained / "checkpoint2.pt", mmap=False)
+    first = model_state(trained / "checkpoint1.pt")
+    ema["model"] = {key: 0.75 * first[key] + 0.25 * v if v.is_floating_point() else v
+                    for key, v in ema["model"].items()}
+    torch.save(ema, tmp_path / "ema.pt")
+    assert abs(rows["ema", 4, 2, "val"] - fairseq_validate(ptb, tmp_path / "ema.pt")) <= 0.0005 + 1e-6
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--method", "swa", "--swa-starts", "1", "--spacing", "2"], "--spacing applies to --method ewa, not swa"),
+    (["--method", "uni", "--decays", "0.5"], "--decays applies to --method ema, not uni"),
+    (["--method", "ema"], "--method ema needs --decays, e.g. --decays 0.5,0.75"),
+    (["--method", "ewa", "--ks", "2"], "--method ewa needs --spacing"),
+    (["--method", "swa", "--swa-starts", "5"], "SWA start epoch 5 has no checkpoint (have 1..2)"),
+])
+def test_bad_method_flags_are_refused_in_one_line(trained, tmp_path, capsys, flags, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_lawa.main(["--ckpt-dir", str(trained), "--out", str(tmp_path / "r.csv"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("evaluate_lawa.py: error: ") and fragment in err, err
+    assert not (tmp_path / "r.csv").exists()
+
+
 def test_training_without_data_says_how_to_make_it(tmp_path):
     proc = run(["bash", BERT / "train.sh"], {"DATA": str(tmp_path / "none"), "SAVE_DIR": str(tmp_path / "s")},
                check=False)

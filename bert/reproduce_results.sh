@@ -34,6 +34,7 @@ PTB_VALID_LINES="${PTB_VALID_LINES:-1000}"     # embedded: validation sentences 
 KS="${KS:-$([ "$EMBEDDED" = 1 ] && echo 2,4,6,8 || echo 2,4,6,8,10)}"   # LAWA window sizes k swept
 TRAIN_BATCHES="${TRAIN_BATCHES:-$([ "$EMBEDDED" = 1 ] && echo 8 || echo 50)}"   # batches for train loss
 EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-16}"       # sequences per evaluation batch (fairseq-validate --batch-size)
+SWEEP_EPOCHS="${SWEEP_EPOCHS:-$([ "$EMBEDDED" = 1 ] && echo "2:$EPOCHS:2" || echo "")}"   # end epochs swept (empty: all)
 
 START=$(date +%s)
 bash "$REPO/setup.sh"
@@ -58,5 +59,5 @@ fi
 # CPU: one torch thread, as train.sh's CPU_THREADS (the tiny model gains nothing from a second one).
 [ "$EMBEDDED" = 0 ] || export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$PY" "$REPO/bert/evaluate_lawa.py" ${DATA:+"$DATA"} --ckpt-dir "$CKPT_DIR" --ks "$KS" \
-    --train-batches "$TRAIN_BATCHES" --batch-size "$EVAL_BATCH_SIZE" --out "$OUT/results.csv"
+    ${SWEEP_EPOCHS:+--epochs "$SWEEP_EPOCHS"} --train-batches "$TRAIN_BATCHES" --batch-size "$EVAL_BATCH_SIZE" --out "$OUT/results.csv"
 echo "reproduce_results.sh: done in $(( $(date +%s) - START )) s -> $OUT/results.csv, $OUT/log.csv"

@@ -52,7 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--range", required=True, metavar="A:B", dest="ckpt_range",
                         help="the checkpoints spanning the subspace: epochs A..B inclusive")
     parser.add_argument("--epochs", default=2, type=int, metavar="N", help="TWA training epochs (default: 2)")
-    parser.add_argument("--lr", default=2.0, type=float, metavar="LR", help="TWA learning rate (default: 2)")
+    parser.add_argument("--lr", default=2.0, type=float, metavar="LR",
+                        help="TWA learning rate (default: 2, the reference's CIFAR setting; it diverged on the "
+                        "embedded appendix runs, where reproduce_all.sh uses 0.05)")
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (default: 0.9)")
     parser.add_argument("--wd", "--weight-decay", default=1e-5, type=float, metavar="W", dest="weight_decay",
                         help="weight decay, applied inside the subspace (default: 1e-5)")

@@ -34,16 +34,16 @@ if [ -n "$THREADS" ]; then export OMP_NUM_THREADS="$THREADS"; fi
 if [ -z "$IMAGENET" ]; then
     DATA=fashion-mnist                # embedded data, no download
     ARCH=resnet18                     # the pilots' model (ImageNet stem: 28×28 → 1×1 before the pool)
-    EPOCHS=16                         # LAWA's effect lives in the middle of training
+    EPOCHS=12                         # LAWA's effect lives in the middle of training (16: 851 s, over budget)
     BATCH=128                         # small batches: noisier iterates
     LR=0.4                            # the pilots: lr 0.1 left too little oscillation for averaging to remove
     WD=5e-4                           # weight decay
     WORKERS=0                         # data loading in the main process (the images are in memory)
-    SIZES=(--train-subset 8192 --image-size 20 --val-subset 2000 --eval-batch-size 1000)  # ≤8 min on 2 cores:
-                                      # 20 px costs half of 28 px (measured 851 s → see README "Time")
+    SIZES=(--train-subset 8192 --val-subset 2000 --eval-batch-size 1000)  # 28 px: 20 px was barely faster
+                                      # on CPU (179 vs 215-231 img/s in one thread, per-layer overheads)
     KS=2,3,4                          # small k relative to the run (the paper: 6 of 90 epochs)
     BN_BATCHES="${BN_BATCHES:-16}"    # BatchNorm recompute on 16 batches of 128 (see imagenet/README.md)
-    SWEEP_SIZES=(--epochs 2:16:2 --train-eval-subset 1000 --eval-batch-size 1000)  # every 2nd end epoch
+    SWEEP_SIZES=(--epochs 2:12:2 --train-eval-subset 1000 --eval-batch-size 1000)  # every 2nd end epoch
 else
     DATA="$IMAGENET"
     ARCH=resnet50                     # the paper's model and recipe: pytorch/examples defaults, cosine schedule

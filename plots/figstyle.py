@@ -103,13 +103,19 @@ def axis_label(metric: str, run_name: str = "") -> str:
 
 
 def format_axis(ax: Axes, metric: str, values) -> None:
-    """Integer epochs on x; accuracies as percent (stored as fractions or as percent)."""
+    """Integer epochs on x; accuracies as percent (stored as fractions or as percent); losses spanning more
+    than 20× on a log axis."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if split_metric(metric)[1].startswith("acc"):
         values = np.asarray(values, dtype=float)
         top = 1.0 if np.nanmax(values) <= 1.0 else 100.0
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=top))
+    elif split_metric(metric)[1] == "loss":
+        values = np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        if values.size and values.min() > 0 and values.max() / values.min() > 20:
+            ax.set_yscale("log")  # a first epoch with unsettled BatchNorm can sit 100× above the rest
 
 
 def plot_band(ax: Axes, table: pd.DataFrame, **style) -> pd.Series:

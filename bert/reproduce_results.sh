@@ -9,12 +9,11 @@
 #
 # Embedded: the first 3500 PTB training sentences, 40 epochs of a 2-layer, width-64 RoBERTa (train.sh's tiny
 # preset: 16 sequences of ≤128 tokens per update, LR 2e-3 decaying over 3× the run), the sweep over
-# k = 2, 4, 6, 8 at every epoch on the first 1000 validation sentences. Sized after the pilots in
+# k = 2, 4, 6, 8 at every second end epoch on the first 1000 validation sentences. Sized after the pilots in
 # bert/README.md so that the baseline is noisy and overfits late in the run, the regime in which the paper
 # finds LAWA ahead.
-# Hardware: 2 CPU cores, no GPU. Measured 2026-11-23 (/usr/bin/time): 367 s CPU, 1153 s wall while three
-# other jobs shared the cores (load average 5-12); every stage is single-threaded, so ~6 min on an idle
-# machine (bert/README.md, "Embedded run"). The script prints its own wall time at the end.
+# Hardware: 2 CPU cores, no GPU. Measured inside reproduce_all.sh (one thread, beside the imagenet job):
+# 599-610 s on 2026-12-01 (training 450 s, sweep 95-125 s); 837 s when the VM ran ~1.5× slower.
 # Paper: 4× RTX 3090, ~10 min per epoch, 200 epochs (the paper); the sweep reads each 1.6 GB checkpoint once.
 set -euo pipefail
 

@@ -4,12 +4,12 @@
 # recompute BatchNorm statistics, evaluate — into one tidy results CSV beside the training log.
 #
 # No arguments: the embedded reproduction on CPU. Fashion-MNIST (Debian package dataset-fashion-mnist,
-#   installed by setup.sh), torchvision resnet18 at 28×28, 8192 training images × 16 epochs at lr 0.4
+#   installed by setup.sh), torchvision resnet18 at 28×28, 8192 training images × 12 epochs at lr 0.4
 #   (high enough for SGD's iterates to oscillate: the regime where LAWA helps), k = 2, 3, 4 at every
 #   second end epoch.
-#   Hardware: 2-core x86-64 CPU, no GPU. Measured after set-up: 12.6 min wall-clock, 8.3 CPU-minutes
-#   (training ≈10 min, sweep 2.6 min) with THREADS=1 while other jobs kept the machine busy (load 4–5);
-#   an idle machine should need about half (not measured). Writes 1.4 GB of checkpoints.
+#   Hardware: 2-core x86-64 CPU, no GPU. Measured after set-up, one thread, beside the bert job: 988 s
+#   (training ≈800 s, sweep 138 s) on a VM running ~1.5× slower than its best; see imagenet/README.md.
+#   Writes ~1 GB of checkpoints.
 # Paper scale (ResNet-50, ImageNet, 90 epochs, batch 256, lr 0.1 cosine, k = 6 and the sensitivity set
 #   2,4,8,10; the paper: ~26 min/epoch on 4× RTX 3090):
 #     IMAGENET=/data/imagenet GPUS=4 bash imagenet/reproduce_results.sh

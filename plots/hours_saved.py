@@ -22,7 +22,8 @@ reported as "≥ n", never as a plain number, and the maximum is then a lower bo
 
 Which baseline curve: by default the sweep's own baseline rows (results.csv, method=baseline), because the
 sweep evaluates the plain checkpoints exactly as it evaluates the averaged ones; the trainer log's rows are
-the fallback (``--baseline-from`` chooses). The averaged curve comes from results.csv (else the log).
+the fallback, and fills the epochs a sparser sweep skipped (``--baseline-from`` chooses). The averaged curve
+comes from results.csv (else the log).
 """
 
 from __future__ import annotations
@@ -264,7 +265,8 @@ def hours_saved_for_run(run: Run, metric: str, method: str = "lawa", k: int | No
     frames = dict(sources)
     info = {"metric": metric, "method": method, "k": k, "seed": seed, "optimizer": optimizer,
             "averaged_from": averaged_from[1].attrs.get("source"),
-            "baseline_from": frames[base_where].attrs.get("source"), "timing": timing, "gpus": gpus,
+            "baseline_from": " + ".join(str(frames[w].attrs.get("source")) for w in base_where.split("+")),
+            "timing": timing, "gpus": gpus,
             "epoch_hours": epoch_hours, "tol": tol}
     return result, info
 

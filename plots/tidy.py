@@ -196,14 +196,21 @@ class Run:
 
     def baseline(self, metric: str, *, seed: int | None = None,
                  optimizer: str | None = None) -> tuple[pd.Series, str]:
-        """The baseline curve and where it came from (``"results"`` or ``"log"``).
+        """The baseline curve and where it came from (``"results"``, ``"log"`` or ``"results+log"``).
 
         The sweep's own baseline rows are preferred: they are evaluated exactly as the averaged models
-        (same data, same BN treatment); the trainer log's rows are the fallback.
+        (same data, same BN treatment). Epochs the sweep skipped (a sweep of every 2nd end epoch) are filled
+        from the trainer log, so a match is not pushed to the next swept epoch; the log alone is the fallback.
         """
-        for where, frame in (("results", self.results), ("log", self.log)):
-            if frame is not None and _mask(frame, metric, "baseline", seed, optimizer).any():
-                return curve(frame, metric, "baseline", seed=seed, optimizer=optimizer), where
+        found = {where: curve(frame, metric, "baseline", seed=seed, optimizer=optimizer)
+                 for where, frame in (("results", self.results), ("log", self.log))
+                 if frame is not None and _mask(frame, metric, "baseline", seed, optimizer).any()}
+        if "results" in found and "log" in found:
+            filled = found["results"].combine_first(found["log"])
+            return (filled, "results+log") if len(filled) > len(found["results"]) else (found["results"], "results")
+        for where in ("results", "log"):
+            if where in found:
+                return found[where], where
         available = {m for f in self.frames() for m in available_metrics(f[f["method"] == "baseline"])}
         where = " or ".join(_source(f) for f in self.frames()) or self.name
         raise TidyError(f"{where}: no baseline rows for {metric}"

@@ -35,8 +35,8 @@ from lawa_utils import (
     LawaError,
     append_rows,
     atomic_write,
+    done_cells,
     find_checkpoints,
-    read_results,
     recompute_bn,
     run_info,
     save_checkpoint,
@@ -98,14 +98,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise LawaError(f"--save {args.save}: directory {args.save.parent} does not exist")
 
 
-def already_done(out: Path, k: int, epoch: int, args: argparse.Namespace) -> bool:
-    if not out.exists():
-        return False
-    rows = read_results(out)
-    return bool(((rows["method"] == "twa") & (rows["k"] == k) & (rows["epoch"] == epoch)
-                 & (rows["optimizer"].astype(str) == args.optimizer) & (rows["seed"] == args.seed)).any())
-
-
 def run(args: argparse.Namespace) -> None:
     check_args(args)
     checkpoints = find_checkpoints(args.ckpt_dir)
@@ -114,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or args.ckpt_dir / "results.csv"
     if not out.parent.is_dir():
         raise LawaError(f"--out {out}: directory {out.parent} does not exist")
-    if already_done(out, n, last, args):
+    splits = ["train", "val"] if args.train_eval_subset else ["val"]
+    if (last, n) in done_cells(out, ["twa"], splits, ("loss", "acc1", "acc5"), args.optimizer, args.seed)["twa"]:
         print(f"{PROG}: {out} already has twa rows for checkpoints {first}..{last} (seed {args.seed}); nothing to do")
         return
     common.check_data(args.data, args.dummy)

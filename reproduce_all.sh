@@ -112,8 +112,8 @@ methods_run() {
     echo "seed $seed: ema, swa, ewa-s2 and twa rows in $dir/results.csv"
 }
 
-# Measured (shared machine, load 5): 271 CPU-seconds for the 3 seeds, one thread per process; in 2 lanes on an
-# idle 2-core machine that is ≈3 min of wall-clock (two seeds share a lane).
+# Measured on 2026-12-01 (2 lanes, nothing else running): 122 s of wall-clock for the stage, 202-303 s while the VM
+# ran slower (README "Time").
 # bert_methods: EMA (d=0.75) and SWA (from epochs 10 and 20) on the masked-LM trajectory, into its results.csv,
 # at the end epochs its LAWA sweep used. Measured 24 + 22 s; it runs in the lane the third seed leaves idle.
 bert_methods() {
@@ -143,6 +143,7 @@ printf '%s\n' "run_stage imagenet env OUT=\"$OUT/imagenet\" bash \"$REPO/imagene
 run_stage appendix appendix
 run_stage methods methods
 if [ "$GPT" = 1 ]; then run_stage gpt env OUT="$OUT/gpt" bash "$REPO/gpt/reproduce_results.sh"; fi
+rm -f "$OUT/.done-figures"   # always redrawn (8-25 s): any earlier stage may have added rows
 run_stage figures figures
 
 echo

@@ -6,15 +6,18 @@
 #   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash reproduce_all.sh
 #   GPT=1 bash reproduce_all.sh                # also gpt/ (LAWA vs EMA vs SWA at high LR); off by default:
 #                                              # it does not fit the 20-minute budget beside the rest
-#   CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # only sweep a published/your own ImageNet trajectory
+#   IMAGENET=/data/imagenet CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # sweep a published/your own
+#                                              # ImageNet trajectory instead of training one (imagenet job)
+#   BERT_CKPT_DIR=/ckpts/roberta DATA=/data/data-bin/wikitext-103 bash reproduce_all.sh   # same for bert
 #
-# Stages: set-up → imagenet/ (train + (E,k) sweep) ‖ bert/ (train + sweep) → Appendix B/C (SGD vs
-# Lookahead vs LAWA, uniform vs exponential, 3 seeds) → other averaging methods (EMA, SWA, EWA, TWA) on the
-# appendix trajectories → figures, GPU-hours-saved table and summary.
+# Jobs: set-up → imagenet/ (train + (E,k) sweep), bert/ (train + sweep, then EMA/SWA on its trajectory), the
+# Appendix B/C runs (SGD vs Lookahead vs LAWA, uniform vs exponential, 3 seeds; each SGD run followed by the
+# other averaging methods on its trajectory: EMA, SWA, EWA, TWA) → figures, GPU-hours-saved table, summary.
 # Small models gain little from a second thread, and two single-threaded processes use both cores fully:
-# independent jobs run in LANES parallel lanes of one thread each (imagenet ‖ bert; appendix runs; methods).
-# Output lines carry a [stage] prefix. A finished stage leaves $OUT/.done-<stage> and is skipped on a rerun
-# (FORCE=1 reruns everything; delete one stamp to rerun one stage). A time summary is printed at the end.
+# the jobs form one queue served by LANES lanes of one thread each, longest first, so the lane bert leaves
+# free takes the appendix runs while imagenet still trains. Only the figures wait for everything.
+# Output lines carry a [job] prefix. A finished job leaves $OUT/.done-<job> and is skipped on a rerun
+# (FORCE=1 reruns everything; delete one stamp to rerun one job). A time summary is printed at the end.
 # Hardware: 2 CPU cores, no GPU. Measured: see README ("Time").
 set -euo pipefail
 
@@ -42,7 +45,7 @@ APX_LR="${APX_LR:-0.1}"                  # peak learning rate, cosine to 0. Pilo
 mkdir -p "$OUT"
 RUN_START=$(date +%s)
 
-# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; the stamp holds the stage's wall seconds.
+# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; the stamp holds the job's wall seconds.
 run_stage() {
     local name="$1"; shift
     local stamp="$OUT/.done-$name" start
@@ -50,9 +53,13 @@ run_stage() {
         echo "== $name: already done ($(cat "$stamp") s); FORCE=1 or rm $stamp to rerun"
         return
     fi
+    rm -f "$stamp"
     echo "== $name: started $(date +%H:%M:%S)"
     start=$(date +%s)
-    "$@" 2>&1 | sed -u "s/^/[$name] /"
+    if ! "$@" 2>&1 | sed -u "s/^/[$name] /"; then   # pipefail: the command's own status
+        echo "== $name: FAILED after $(( $(date +%s) - start )) s" >&2
+        return 1
+    fi
     echo $(( $(date +%s) - start )) > "$stamp"
     echo "== $name: done in $(cat "$stamp") s"
 }
@@ -88,11 +95,6 @@ appendix_run() {
     echo "seed $seed $opt: $(tail -1 "$dir/log.csv")"
 }
 
-appendix() {
-    local seed opt
-    for seed in $SEEDS; do for opt in sgd lookahead; do echo "appendix_run $seed $opt"; done; done | in_lanes
-}
-
 # methods_run SEED: averaging methods beside LAWA (issue 8), post hoc on one appendix seed's SGD trajectory, into
 # the results.csv that holds its baseline, lawa and exp rows (fig7 and summary.md compare them): EMA with LAWA's
 # effective window (d = 1 − 1/k), SWA from half the run, EWA (k checkpoints 2 epochs apart) and TWA trained for
@@ -112,23 +114,16 @@ methods_run() {
     echo "seed $seed: ema, swa, ewa-s2 and twa rows in $dir/results.csv"
 }
 
-# Measured on 2026-12-01 (2 lanes, nothing else running): 122 s of wall-clock for the stage, 202-303 s while the VM
-# ran slower (README "Time").
 # bert_methods: EMA (d=0.75) and SWA (from epochs 10 and 20) on the masked-LM trajectory, into its results.csv,
-# at the end epochs its LAWA sweep used. Measured 24 + 22 s; it runs in the lane the third seed leaves idle.
+# at the end epochs its LAWA sweep used. Measured 24 + 22 s.
 bert_methods() {
-    [ -z "${WIKITEXT:-}${CKPT_DIR:-}" ] || return 0   # the embedded run only: a paper-scale sweep is the user's call
+    [ -z "${WIKITEXT:-}${BERT_CKPT_DIR:-}" ] || return 0   # the embedded run only: a paper-scale sweep is the user's call
     local on=("$OUT/bert/data-bin" --ckpt-dir "$OUT/bert/checkpoints" --out "$OUT/bert/results.csv"
               --epochs "2:${EPOCHS:-40}:2" --train-batches 8 --batch-size 16)
     { "$PY" "$REPO/bert/evaluate_lawa.py" "${on[@]}" --method ema --decays 0.75 &&
       "$PY" "$REPO/bert/evaluate_lawa.py" "${on[@]}" --method swa --swa-starts 10,20; } \
         > "$OUT/bert/methods.out" 2>&1 || { tail -5 "$OUT/bert/methods.out"; return 1; }
     echo "bert: ema and swa rows in $OUT/bert/results.csv"
-}
-
-methods() {
-    local seed
-    { for seed in $SEEDS; do echo "methods_run $seed"; done; echo bert_methods; } | in_lanes
 }
 
 figures() {
@@ -138,18 +133,27 @@ figures() {
 
 START=$(date +%s); bash "$REPO/setup.sh"   # always: idempotent, seconds when everything is installed
 echo "setup: $(( $(date +%s) - START )) s"
-printf '%s\n' "run_stage imagenet env OUT=\"$OUT/imagenet\" bash \"$REPO/imagenet/reproduce_results.sh\"" \
-    "run_stage bert env OUT=\"$OUT/bert\" bash \"$REPO/bert/reproduce_results.sh\"" | in_lanes
-run_stage appendix appendix
-run_stage methods methods
+# The queue, longest jobs first (measured in one lane, README "Time"): imagenet ≈600-990 s, bert + its methods
+# ≈450 s, an SGD appendix run with its sweeps and methods ≈200 s, a Lookahead run ≈90 s.
+queue() {
+    local seed
+    echo "run_stage imagenet env OUT=\"$OUT/imagenet\" CKPT_DIR=\"${CKPT_DIR:-}\" bash \"$REPO/imagenet/reproduce_results.sh\""
+    echo "run_stage bert env OUT=\"$OUT/bert\" CKPT_DIR=\"${BERT_CKPT_DIR:-}\" bash \"$REPO/bert/reproduce_results.sh\" && run_stage bert-methods bert_methods"
+    for seed in $SEEDS; do echo "run_stage appendix-s$seed-sgd appendix_run $seed sgd && run_stage methods-s$seed methods_run $seed"; done
+    for seed in $SEEDS; do echo "run_stage appendix-s$seed-lookahead appendix_run $seed lookahead"; done
+}
+queue | in_lanes || { echo "reproduce_all.sh: a job failed (its '== NAME: FAILED' line above; its log under $OUT)" >&2; exit 1; }
 if [ "$GPT" = 1 ]; then run_stage gpt env OUT="$OUT/gpt" bash "$REPO/gpt/reproduce_results.sh"; fi
-rm -f "$OUT/.done-figures"   # always redrawn (8-25 s): any earlier stage may have added rows
+rm -f "$OUT/.done-figures"   # always redrawn (8-25 s): any earlier job may have added rows
 run_stage figures figures
 
 echo
-echo "== wall seconds per stage (imagenet and bert ran side by side)"
-for name in imagenet bert appendix methods figures; do
-    printf '  %-10s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo '-')"
+echo "== wall seconds per job (LANES=$LANES side by side; a job's time includes waiting for the other lane's I/O)"
+names="imagenet bert bert-methods"
+for seed in $SEEDS; do names+=" appendix-s$seed-sgd methods-s$seed appendix-s$seed-lookahead"; done
+[ "$GPT" != 1 ] || names+=" gpt"
+for name in $names figures; do
+    printf '  %-24s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo -)"
 done
-printf '  %-10s %6s   (this invocation, set-up included)\n' total $(( $(date +%s) - RUN_START ))
+printf '  %-24s %6s   (this invocation, set-up included)\n' total $(( $(date +%s) - RUN_START ))
 echo "results: $OUT (figures and summary in $OUT/figures)"

@@ -12,8 +12,8 @@
 # k = 2, 4, 6, 8 at every second end epoch on the first 1000 validation sentences. Sized after the pilots in
 # bert/README.md so that the baseline is noisy and overfits late in the run, the regime in which the paper
 # finds LAWA ahead.
-# Hardware: 2 CPU cores, no GPU. Measured inside reproduce_all.sh (one thread, beside the imagenet job):
-# 599-610 s on 2026-12-01 (training 450 s, sweep 95-125 s); 837 s when the VM ran ~1.5× slower.
+# Hardware: 2 CPU cores, no GPU. Measured alone after set-up on 2026-12-02: 401 s (training 283 s, sweep 86 s;
+# bert/README.md "Time").
 # Paper: 4× RTX 3090, ~10 min per epoch, 200 epochs (the paper); the sweep reads each 1.6 GB checkpoint once.
 set -euo pipefail
 

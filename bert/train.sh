@@ -40,6 +40,7 @@ SEED="${SEED:-1}"                                   # fairseq --seed: init, drop
 GPUS="${GPUS:-$(pick 1 0)}"                         # GPUs per node; 0: train on the CPU
 CPU_PROCS="${CPU_PROCS:-1}"                         # CPU only: data-parallel processes joined by gloo
 CPU_THREADS="${CPU_THREADS:-1}"                     # CPU only: torch threads per process (see below)
+NUM_WORKERS="${NUM_WORKERS:-$(pick 1 0)}"           # data-loading processes per worker (--num-workers; below)
 NODES="${NODES:-1}"                                 # machines taking part (multi-node needs the next two)
 NODE_RANK="${NODE_RANK:-0}"                         # this machine's index, 0..NODES-1
 MASTER="${MASTER:-}"                                # host:port of node 0, reachable from every node
@@ -94,6 +95,10 @@ mkdir -p "$SAVE_DIR"
 # (the same masks every epoch: the tiny run then memorises them, train loss -> 1.4 bits, val loss up to 15).
 # A fresh iterator per epoch gives each epoch its own masks, as in the original run's fairseq. (The flag takes
 # a value: fairseq declares it a bool whose default is another setting.)
+# --num-workers: each epoch's iterator leaves its loader processes behind until Python's garbage collector
+# reaches them; shutting each down then waits out torch's 5 s join timeout. The tiny run stalled 55 s once
+# every 12 epochs (165 of 470 s of training). CPU runs load in the main process (0: no stall, same masks);
+# on GPUs the loader process overlaps data preparation with compute, and the stall is ~5 s per epoch.
 # shellcheck disable=SC2206  # MODEL_ARGS is a list of flags on purpose
 CMD=("$FAIRSEQ_TRAIN" "$DATA" --user-dir "$REPO/bert/lawa_plugin"
     --task masked_lm --criterion masked_lm --arch roberta_base $MODEL_ARGS
@@ -103,7 +108,7 @@ CMD=("$FAIRSEQ_TRAIN" "$DATA" --user-dir "$REPO/bert/lawa_plugin"
     --dropout 0.1 --attention-dropout 0.1
     --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" --max-epoch "$MAX_EPOCH" --seed "$SEED"
     --save-dir "$SAVE_DIR" --keep-last-epochs -1 --skip-invalid-size-inputs-valid-test
-    --update-epoch-batch-itr True
+    --update-epoch-batch-itr True --num-workers "$NUM_WORKERS"
     --log-format json --log-interval "$LOG_INTERVAL"
     "${DEVICE_ARGS[@]}" "${DIST_ARGS[@]}" "$@")
 

@@ -7,8 +7,8 @@
 #   installed by setup.sh), torchvision resnet18 at 28×28, 8192 training images × 12 epochs at lr 0.4
 #   (high enough for SGD's iterates to oscillate: the regime where LAWA helps), k = 2, 3, 4 at every
 #   second end epoch.
-#   Hardware: 2-core x86-64 CPU, no GPU. Measured after set-up, one thread, beside the bert job: 988 s
-#   (training ≈800 s, sweep 138 s) on a VM running ~1.5× slower than its best; see imagenet/README.md.
+#   Hardware: 2-core x86-64 CPU, no GPU. Measured alone after set-up on 2026-12-02 (torch's default 2
+#   threads): 367 s; inside reproduce_all.sh (one thread, beside other jobs) 640-990 s. imagenet/README.md.
 #   Writes ~1 GB of checkpoints.
 # Paper scale (ResNet-50, ImageNet, 90 epochs, batch 256, lr 0.1 cosine, k = 6 and the sensitivity set
 #   2,4,8,10; the paper: ~26 min/epoch on 4× RTX 3090):

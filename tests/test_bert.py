@@ -122,29 +122,35 @@ def test_tiny_training_writes_epoch_checkpoints_and_a_tidy_log(trained):
 def test_training_masks_change_every_epoch_with_dataloader_workers(trained, ptb):
     """fairseq-fixed 0.12.3.1 reuses one DataLoader with persistent workers across epochs; their dataset copies
     never see set_epoch(), so masked-LM masks freeze at epoch 1 unless train.sh's --update-epoch-batch-itr
-    rebuilds the iterator each epoch. Checked here on fairseq's own iterator, as its trainer builds it."""
+    rebuilds the iterator each epoch. Checked here on fairseq's own iterator, as its trainer builds it, with a
+    loader process (fairseq's default, train.sh on GPUs) and without (train.sh on the CPU: no 5 s shutdown
+    stalls when the garbage collector reaches old iterators)."""
     from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 
-    assert "--update-epoch-batch-itr" in json.loads((trained / "args.json").read_text())["command"]
+    command = json.loads((trained / "args.json").read_text())["command"]
+    assert "--update-epoch-batch-itr" in command
+    assert "--num-workers 0 " in command  # the tiny preset runs on the CPU
     task = MaskedLMTask.setup_task(MaskedLMConfig(data=str(ptb), tokens_per_sample=128,
                                                   sample_break_mode="complete", seed=1))
     task.load_dataset("train", epoch=1)
 
-    def first_batch_masks(update_epoch_batch_itr: bool) -> list:
+    def first_batch_masks(update_epoch_batch_itr: bool, num_workers: int) -> list:
         task.dataset_to_epoch_iter.clear()
         masks, itr = [], None
         for epoch in (1, 2):
             if itr is None or update_epoch_batch_itr:
-                itr = task.get_batch_iterator(dataset=task.dataset("train"), max_sentences=8, num_workers=1, seed=1,
-                                              epoch=epoch, update_epoch_batch_itr=update_epoch_batch_itr)
+                itr = task.get_batch_iterator(dataset=task.dataset("train"), max_sentences=8, seed=1, epoch=epoch,
+                                              num_workers=num_workers, update_epoch_batch_itr=update_epoch_batch_itr)
             batches = list(itr.next_epoch_itr(shuffle=False))
             masks.append(batches[0]["target"].ne(task.source_dictionary.pad()).nonzero().tolist())
         return masks
 
-    first, second = first_batch_masks(update_epoch_batch_itr=True)
+    first, second = first_batch_masks(update_epoch_batch_itr=True, num_workers=1)
     assert first != second  # every epoch draws new masks, as RoBERTa's dynamic masking intends
-    frozen = first_batch_masks(update_epoch_batch_itr=False)
+    frozen = first_batch_masks(update_epoch_batch_itr=False, num_workers=1)
     assert frozen[0] == frozen[1]  # the fairseq behaviour the flag works around
+    in_process = first_batch_masks(update_epoch_batch_itr=True, num_workers=0)
+    assert in_process == [first, second]  # same masks as with a loader process: the same run either way
 
 
 def test_fairseq_checkpoints_need_only_the_plugins_safe_globals(trained):

@@ -49,8 +49,9 @@ EWA, k, spacing s  (1/k) Σ θ_{E−j·s},  j = 0 … k−1                  ``e
 The sweep scripts (``imagenet/evaluate_lawa.py``, ``bert/evaluate_lawa.py``) share their ``--method`` flags
 through this module: :func:`add_method_args` adds them, :func:`method_options` checks them (one line per
 mistake) and returns :func:`iter_method_averages`' keywords, :func:`csv_method` gives the CSV label,
-:func:`iter_sweep_cells` yields the cells still to do (method and baseline) and :func:`summary_table` pivots
-the results for the summary a sweep prints::
+:func:`iter_sweep_cells` yields the cells still to do (method and baseline), :func:`split_methods` turns
+``--method uni,exp,…`` into one namespace per method (one process sweeps several) and :func:`summary_table`
+pivots the results for the summary a sweep prints::
 
     lm.add_method_args(parser)                              # --method --ks --alpha --decays --swa-starts …
     args = parser.parse_args()
@@ -116,6 +117,7 @@ __all__ = [
     "parse_ks",
     "parse_list",
     "row_block",
+    "split_methods",
     "summary_table",
     "twa_epochs",
     "twa_lr_factor",
@@ -451,10 +453,11 @@ def add_method_args(parser: argparse.ArgumentParser, default_ks: str = DEFAULT_K
     ``--swa-starts``, ``--spacing``, ``--ewa-blocks``) to a sweep script's parser; :func:`method_options`
     turns the parsed flags into :func:`iter_method_averages`' keywords. ``--ks`` defaults to ``default_ks``
     (kept as ``args.default_ks``) for the methods that take it."""
-    parser.add_argument("--method", choices=list(CLI_METHODS), default="uni",
+    parser.add_argument("--method", default="uni", metavar="M[,M…]",
                         help="uni: LAWA's uniform average (default); exp: the paper's Appendix C exponential "
                         "weights; ema: exponential moving average; swa: the mean from a start epoch; ewa: "
-                        "LAWA over checkpoints spaced s epochs apart")
+                        "LAWA over checkpoints spaced s epochs apart. Several, comma-separated, are swept in "
+                        "one process (one set-up; each method's flags apply to it alone)")
     parser.add_argument("--ks", default=None, help=f"uni, exp, ewa: window sizes k, comma-separated "
                         f"(default: {default_ks})")
     parser.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
@@ -507,6 +510,33 @@ def method_options(args: argparse.Namespace) -> dict:
     if args.spacing is None:
         raise LawaError("--method ewa needs --spacing, e.g. --spacing 2")
     return {"ks": parse_ks(args.ks or default_ks), "spacing": args.spacing, "blocks": args.ewa_blocks}
+
+
+def split_methods(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """``--method m1,m2,…`` → one namespace per method (in the order given, duplicates dropped), each with
+    only its own method flags (``method_options`` checked on each). A flag that none of the methods takes is
+    refused. The baseline cells go with one of them (uni's, where the baseline rides in LAWA's pass, else the
+    last); the others get ``no_baseline``."""
+    methods = list(dict.fromkeys(m.strip() for m in str(args.method).split(",")))
+    unknown = [m for m in methods if m not in CLI_METHODS]
+    if unknown or not methods:
+        raise LawaError(f"--method {args.method}: unknown method '{(unknown or [''])[0]}'; choose from "
+                        f"{', '.join(CLI_METHODS)} (several: comma-separated)")
+    for flag, owners in METHOD_FLAGS.items():
+        if getattr(args, flag) not in (None, False) and not set(methods) & set(owners):
+            raise LawaError(f"--{flag.replace('_', '-')} applies to --method {' or '.join(owners)}, "
+                            f"not {args.method}")
+    runs = []
+    for method in methods:
+        unset = {flag: False if flag == "ewa_blocks" else None  # as if not given: the flag is another's
+                 for flag, owners in METHOD_FLAGS.items() if method not in owners}
+        run = argparse.Namespace(**{**vars(args), **unset, "method": method})
+        method_options(run)
+        runs.append(run)
+    keeper = next((run for run in runs if run.method == "uni"), runs[-1])
+    for run in runs:
+        run.no_baseline = getattr(args, "no_baseline", False) or run is not keeper
+    return runs
 
 
 def csv_method(args: argparse.Namespace) -> str:

@@ -15,13 +15,15 @@ Cells already in the results file are skipped, so an interrupted sweep resumes.
 
     python bert/evaluate_lawa.py --ckpt-dir runs/bert/tiny --ks 2,4,6 --out runs/bert/results.csv
     python bert/evaluate_lawa.py --ckpt-dir runs/bert/tiny --method ema --decays 0.5,0.9 --out runs/bert/results.csv
+    python bert/evaluate_lawa.py --ckpt-dir runs/bert/tiny --method ema,swa --decays 0.75 --swa-starts 10
     python bert/evaluate_lawa.py data-bin/wikitext-103 --ckpt-dir lawa-roberta --ks 2,4,6,8,10 --epochs 10:200 \
         --train-batches 50            # the paper's published trajectory, read as it is
 
 The methods, their flags, CSV labels and k columns are those of ``imagenet/evaluate_lawa.py`` (the table
 in its docstring): ``lawa_methods`` defines them for both sweeps.
 
-A flag of another method is refused, not ignored (``--alpha`` aside: only exp reads it). SWA at its start
+A flag that none of the ``--method``s takes is refused, not ignored (``--alpha`` aside: only exp reads it);
+with several methods, each reads only its own flags. SWA at its start
 epoch and EMA at f are the checkpoint itself; they are written as ``swa``/``ema`` rows (equal to the
 baseline's loss: nothing is recomputed here).
 
@@ -193,21 +195,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def iter_cells(args: argparse.Namespace, checkpoints: dict, ends: list[int], done: dict[str, set],
+def iter_cells(runs: list[argparse.Namespace], checkpoints: dict, ends: list[int], done: dict[str, set],
                load=None) -> Iterator[tuple[str, int, int, dict]]:
-    """``(CSV method, E, k, state)`` for every cell still to do; with ``--method uni`` the baseline rides in
-    the LAWA pass (checkpoints are large here: each is read once in all), else it is a second pass."""
-    return lm.iter_sweep_cells(args, checkpoints, ends, done, baseline_in_pass=True, load=load)
+    """``(CSV method, E, k, state)`` for every cell still to do, method after method (``lm.split_methods``);
+    with ``--method uni`` the baseline rides in the LAWA pass (checkpoints are large here: each is read once
+    in all), else it is a second pass."""
+    for run in runs:
+        yield from lm.iter_sweep_cells(run, checkpoints, ends, done, baseline_in_pass=True, load=load)
 
 
-def count_cells(args: argparse.Namespace, checkpoints: dict, ends: list[int], done: dict[str, set]) -> int:
+def count_cells(runs: list[argparse.Namespace], checkpoints: dict, ends: list[int], done: dict[str, set]) -> int:
     """The cells still to do, planned with a loader that reads nothing: the sweeps decide their own cells
     (and name a checkpoint missing inside a window) without a second copy of their rules here."""
-    return sum(1 for _ in iter_cells(args, checkpoints, ends, done, load=lambda path: {}))
+    return sum(1 for _ in iter_cells(runs, checkpoints, ends, done, load=lambda path: {}))
 
 
 def sweep(args: argparse.Namespace) -> None:
-    lm.method_options(args)  # flag errors first, before anything is read
+    runs = lm.split_methods(args)  # flag errors first, before anything is read; one namespace per --method
     checkpoints = find_checkpoints(args.ckpt_dir)
     ends = parse_epochs(args.epochs, checkpoints)
     out = args.out or args.ckpt_dir / "results.csv"
@@ -217,17 +221,17 @@ def sweep(args: argparse.Namespace) -> None:
         raise LawaError("--train-batches must be ≥ 0 and --batch-size ≥ 1")
     if args.data is not None and not Path(args.data.split(":")[0]).is_dir():
         raise LawaError(f"DATA {args.data} is not a folder (the fairseq-preprocess output: bert/prepare_data.sh)")
-    label = lm.csv_method(args)
-    count_cells(args, checkpoints, ends, {})  # window and method errors before fairseq is even imported
+    labels = [lm.csv_method(run) for run in runs]
+    count_cells(runs, checkpoints, ends, {})  # window and method errors before fairseq is even imported
 
     template = checkpoints[ends[-1]]
     task, model, criterion, cfg = load_fairseq(template, args.data, args.trust_checkpoints)
     optimizer, seed = str(cfg.optimizer._name), int(cfg.common.seed)  # the trajectory's, for the CSV
     splits = ["val"] + (["train"] if args.train_batches else [])
-    done = done_cells(out, [label, "baseline"], splits, ["loss"], optimizer, seed)
-    todo = count_cells(args, checkpoints, ends, done)
+    done = done_cells(out, [*labels, "baseline"], splits, ["loss"], optimizer, seed)
+    todo = count_cells(runs, checkpoints, ends, done)
     if not todo:
-        print(f"{PROG}: all {label} cells of {args.ckpt_dir} are already in {out}")
+        print(f"{PROG}: all {', '.join(labels)} cells of {args.ckpt_dir} are already in {out}")
         return
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -242,7 +246,7 @@ def sweep(args: argparse.Namespace) -> None:
     record_run(out, args)
     started = time.perf_counter()
     with tqdm(total=todo, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True) as bar:
-        for name, end, k, state in iter_cells(args, checkpoints, ends, done):
+        for name, end, k, state in iter_cells(runs, checkpoints, ends, done):
             try:
                 model.load_state_dict(state, strict=True, model_cfg=cfg.model)
             except RuntimeError as exc:
@@ -257,7 +261,8 @@ def sweep(args: argparse.Namespace) -> None:
             bar.set_postfix_str(f"{name} E={end} k={k} val loss {losses['val']:.3f}")
             bar.update()
     print(f"{PROG}: {bar.n} cells in {time.perf_counter() - started:.0f} s -> {out}")
-    print_summary(out, label, optimizer, seed)
+    for label in labels:
+        print_summary(out, label, optimizer, seed)
 
 
 def print_summary(out: Path, label: str, optimizer: str, seed: int) -> None:

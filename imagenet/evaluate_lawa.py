@@ -13,6 +13,7 @@ Cells already in the results file are skipped, so an interrupted sweep resumes.
 
     python imagenet/evaluate_lawa.py fashion-mnist --ckpt-dir runs/fmnist --ks 2,3,4 --out runs/fmnist/results.csv
     python imagenet/evaluate_lawa.py fashion-mnist --ckpt-dir runs/fmnist --method swa --swa-starts 8
+    python imagenet/evaluate_lawa.py fashion-mnist --ckpt-dir runs/fmnist --method uni,exp,ema --ks 2,4 --decays 0.75
     python imagenet/evaluate_lawa.py /data/imagenet --ckpt-dir lawa-resnet50 --ks 2,4,6,8,10 --epochs 10:90
 
 The methods (``lawa_methods`` defines them; f is the first checkpoint, s a start or a spacing):
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    lm.method_options(args)  # flag errors first, before anything is read
+    runs = lm.split_methods(args)  # flag errors first, before anything is read; one namespace per --method
     checkpoints = find_checkpoints(args.ckpt_dir)
     ends = parse_epochs(args.epochs, checkpoints)
     out = args.out or args.ckpt_dir / "results.csv"
@@ -94,14 +95,14 @@ def sweep(args: argparse.Namespace) -> None:
         raise LawaError(f"--bn-batches must be ≥ 0, got {args.bn_batches}")
     common.check_data(args.data, args.dummy)
 
-    label = lm.csv_method(args)
+    labels = [lm.csv_method(run) for run in runs]
     splits = ["train", "val"] if args.train_eval_subset else ["val"]
-    done = done_cells(out, [label, "baseline"], splits, METRICS, args.optimizer, args.seed)
+    done = done_cells(out, [*labels, "baseline"], splits, METRICS, args.optimizer, args.seed)
     # Plan with a loader that reads nothing: the sweeps decide their own cells (and name a checkpoint missing
     # inside a window) before any data or model is built, and the count needs no second copy of their rules.
-    todo = sum(1 for _ in lm.iter_sweep_cells(args, checkpoints, ends, done, load=lambda path: {}))
+    todo = sum(1 for run in runs for _ in lm.iter_sweep_cells(run, checkpoints, ends, done, load=lambda path: {}))
     if not todo:
-        print(f"{PROG}: all {label} cells of {args.ckpt_dir} are already in {out}")
+        print(f"{PROG}: all {', '.join(labels)} cells of {args.ckpt_dir} are already in {out}")
         return
     args.arch = args.arch or common.checkpoint_arch(checkpoints[ends[0]], args.trust_checkpoints)
 
@@ -117,7 +118,8 @@ def sweep(args: argparse.Namespace) -> None:
     record_run(out, args)
     started = time.perf_counter()
     with tqdm(total=todo, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True) as bar:
-        for name, end, k, state in lm.iter_sweep_cells(args, checkpoints, ends, done):
+        cells = (cell for run in runs for cell in lm.iter_sweep_cells(run, checkpoints, ends, done))
+        for name, end, k, state in cells:
             try:
                 model.load_state_dict(state)
             except RuntimeError as exc:  # e.g. an ImageNet trajectory swept with the wrong DATA
@@ -134,7 +136,8 @@ def sweep(args: argparse.Namespace) -> None:
             bar.set_postfix_str(f"{name} E={end} k={k} val acc1 {metrics['val']['acc1']:.2f}")
             bar.update()
     print(f"{PROG}: {bar.n} cells in {time.perf_counter() - started:.0f} s -> {out}")
-    print_summary(out, args, label)
+    for label in labels:
+        print_summary(out, args, label)
 
 
 def print_summary(out: Path, args: argparse.Namespace, label: str) -> None:

@@ -9,8 +9,8 @@ Expected layout (what the experiment scripts write; give only the folders you ha
     IMAGENET_DIR/results.csv                sweep: baseline (k=1) and lawa/exp rows by window end E and k
     BERT_DIR/log.csv, BERT_DIR/results.csv  the same for the masked-LM run (losses in bits)
     APPENDIX_DIR/seed{N}/sgd/log.csv        SGD run of seed N
-    APPENDIX_DIR/seed{N}/sgd/results.csv    sweep over it: baseline, lawa and exp rows (one k); ema, swa,
-                                            ewa-s* and twa rows from reproduce_all.sh's methods stage
+    APPENDIX_DIR/seed{N}/sgd/results.csv    sweep over it: lawa and exp rows (one k; reproduce_all.sh leaves
+                                            the baseline to log.csv), ema, swa, ewa-s* and twa rows
     APPENDIX_DIR/seed{N}/lookahead/log.csv  Lookahead run of seed N
 
 Every log.csv and results.csv below APPENDIX_DIR is read: seed and optimizer come from the CSV columns,

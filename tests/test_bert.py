@@ -270,12 +270,12 @@ def test_sweep_errors_name_the_missing_checkpoints_or_data(trained, ptb, tmp_pat
 def test_method_sweeps_write_their_labels_and_an_ema_cell_equals_fairseq_validate_on_its_average(
         trained, ptb, tmp_path, capsys):
     out = tmp_path / "results.csv"
-    for flags in (["--method", "swa", "--swa-starts", "1,2"], ["--method", "ema", "--decays", "0.75"],
+    for flags in (["--method", "swa,ema", "--swa-starts", "1,2", "--decays", "0.75"],  # two in one process
                   ["--method", "ewa", "--ks", "2", "--spacing", "1", "--no-baseline"]):
         evaluate_lawa.main(["--ckpt-dir", str(trained), "--out", str(out), *flags])
     printed = capsys.readouterr().out
     rows = lawa_utils.read_results(out).set_index(["method", "k", "epoch", "split"])["value"]
-    # SWA's k is E − s + 1, EMA's 1/(1 − d); the baseline was written by the first sweep only.
+    # SWA's k is E − s + 1, EMA's 1/(1 − d); the baseline was written once, by the first command.
     assert sorted((m, k, e) for m, k, e, _ in rows.index) == [
         ("baseline", 1, 1), ("baseline", 1, 2), ("ema", 4, 1), ("ema", 4, 2), ("ewa-s1", 2, 2), ("swa", 1, 1),
         ("swa", 1, 2), ("swa", 2, 2)]

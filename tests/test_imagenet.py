@@ -302,7 +302,29 @@ def test_method_sweep_reruns_skip_done_cells_and_redo_torn_ones(method_results, 
     assert "all ema cells" in capsys.readouterr().out and len(lawa_utils.read_results(out)) == len(again)
 
 
+def test_several_methods_in_one_process_write_the_cells_of_separate_sweeps(method_results, published,
+                                                                          evaluate_lawa, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as method_results: the same rounding
+    try:
+        evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), "--method", "swa,ema,ewa",
+                            "--swa-starts", "2", "--decays", "0.5", "--ks", "2", "--spacing", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "9 cells in" in printed and "swa and the baseline" in printed and "ewa-s2 and the baseline" in printed
+    key = ["method", "k", "epoch", "split", "metric"]
+    together = lawa_utils.read_results(out).sort_values(key).reset_index(drop=True)
+    separate = method_results.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(together[key + ["value"]], separate[key + ["value"]])
+
+
 @pytest.mark.parametrize("flags, fragment", [
+    (["--method", "uni,sma"], "--method uni,sma: unknown method 'sma'; choose from uni, exp, ema, swa, ewa"),
+    (["--method", "ema,swa", "--decays", "0.5", "--swa-starts", "2", "--spacing", "2"],
+     "--spacing applies to --method ewa, not ema,swa"),
+    (["--method", "ema,swa", "--decays", "0.5"], "--method swa needs --swa-starts"),
     (["--method", "swa", "--decays", "0.5"], "--decays applies to --method ema, not swa"),
     (["--method", "ema", "--ks", "2"], "--ks applies to --method uni or exp or ewa, not ema"),
     (["--method", "ema"], "--method ema needs --decays, e.g. --decays 0.5,0.75"),

@@ -4,6 +4,7 @@
 #   bash reproduce_all.sh                      # embedded defaults (Fashion-MNIST, Penn Treebank) on CPU
 #   OUT=/path FORCE=1 bash reproduce_all.sh    # another output folder; rerun every stage
 #   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash reproduce_all.sh
+#   METHODS=0 bash reproduce_all.sh            # without the other averaging methods (EMA, SWA, EWA, TWA)
 #   GPT=1 bash reproduce_all.sh                # also gpt/ (LAWA vs EMA vs SWA at high LR); off by default:
 #                                              # it does not fit the 20-minute budget beside the rest
 #   IMAGENET=/data/imagenet CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # sweep a published/your own
@@ -27,6 +28,7 @@ FORCE="${FORCE:-0}"                      # 1: ignore the stage stamps and rerun 
 SEEDS="${SEEDS:-0 1 2}"                  # seeds of the Appendix B/C comparison
 PY="$REPO/.venv/bin/python"              # the interpreter set up by setup.sh
 GPT="${GPT:-0}"                          # 1: also the gpt/ Early-Weight-Averaging stage (+~3.5 min idle, 6 CPU-min)
+METHODS="${METHODS:-1}"                  # 0: skip the other averaging methods (EMA, SWA, EWA, TWA: ~3 min)
 LANES="${LANES:-2}"                      # independent jobs run at once (one per core)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # threads per process: LANES × this = the cores
 
@@ -136,8 +138,15 @@ echo "setup: $(( $(date +%s) - START )) s"
 queue() {
     local seed
     echo "run_stage imagenet env OUT=\"$OUT/imagenet\" CKPT_DIR=\"${CKPT_DIR:-}\" bash \"$REPO/imagenet/reproduce_results.sh\""
-    echo "run_stage bert env OUT=\"$OUT/bert\" CKPT_DIR=\"${BERT_CKPT_DIR:-}\" bash \"$REPO/bert/reproduce_results.sh\" && run_stage bert-methods bert_methods"
-    for seed in $SEEDS; do echo "run_stage appendix-s$seed-sgd appendix_run $seed sgd && run_stage methods-s$seed methods_run $seed"; done
+    local bert="run_stage bert env OUT=\"$OUT/bert\" CKPT_DIR=\"${BERT_CKPT_DIR:-}\" bash \"$REPO/bert/reproduce_results.sh\""
+    if [ "$METHODS" = 1 ]; then echo "$bert && run_stage bert-methods bert_methods"; else echo "$bert"; fi
+    for seed in $SEEDS; do
+        if [ "$METHODS" = 1 ]; then
+            echo "run_stage appendix-s$seed-sgd appendix_run $seed sgd && run_stage methods-s$seed methods_run $seed"
+        else
+            echo "run_stage appendix-s$seed-sgd appendix_run $seed sgd"
+        fi
+    done
     for seed in $SEEDS; do echo "run_stage appendix-s$seed-lookahead appendix_run $seed lookahead"; done
 }
 queue | in_lanes || { echo "reproduce_all.sh: a job failed (its '== NAME: FAILED' line above; its log under $OUT)" >&2; exit 1; }
@@ -147,8 +156,13 @@ run_stage figures figures
 
 echo
 echo "== wall seconds per job (LANES=$LANES side by side; a job's time includes waiting for the other lane's I/O)"
-names="imagenet bert bert-methods"
-for seed in $SEEDS; do names+=" appendix-s$seed-sgd methods-s$seed appendix-s$seed-lookahead"; done
+names="imagenet bert"
+[ "$METHODS" != 1 ] || names+=" bert-methods"
+for seed in $SEEDS; do
+    names+=" appendix-s$seed-sgd"
+    [ "$METHODS" != 1 ] || names+=" methods-s$seed"
+    names+=" appendix-s$seed-lookahead"
+done
 [ "$GPT" != 1 ] || names+=" gpt"
 for name in $names figures; do
     printf '  %-24s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo -)"

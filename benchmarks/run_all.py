@@ -1,7 +1,7 @@
-"""Run benchmarks A–D one after another (never side by side: they would measure each other) and write the
-combined table, ``summary.md``, next to their results — the text BENCHMARKS.md quotes.
+"""Run benchmarks A–D and E's profile one after another (never side by side: they would measure each other)
+and write the combined table, ``summary.md``, next to their results — the text BENCHMARKS.md quotes.
 
-    python -m benchmarks.run_all              # ≈25 min on 2 busy cores; needs 6 GB of /tmp
+    python -m benchmarks.run_all              # ≈28 min on 2 busy cores; needs 6 GB of /tmp
     python -m benchmarks.run_all --quick      # ≈1 min: does everything run?
     python -m benchmarks.run_all --only throughput scheduler
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-ORDER = ["sweep", "fairseq_average", "throughput", "scheduler"]
+ORDER = ["sweep", "fairseq_average", "throughput", "scheduler", "profile_imagenet"]
 
 
 def summary_markdown(out: Path, names: list[str]) -> str:

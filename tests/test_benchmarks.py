@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a package at the repository root
 
 from benchmarks import baselines, common  # noqa: E402
 
-SCRIPTS = ["sweep", "fairseq_average", "throughput", "scheduler"]
+SCRIPTS = ["sweep", "fairseq_average", "throughput", "scheduler", "profile_imagenet"]
 
 
 @pytest.fixture(scope="module")

@@ -443,8 +443,8 @@ def iter_method_averages(
 # --method → the name iter_method_averages (and the CSV's method column, but for EWA's spacing) uses for it.
 CLI_METHODS = {"uni": "lawa", "exp": "exp", "ema": "ema", "swa": "swa", "ewa": "ewa"}
 # Flags that belong to one or a few methods; given to another they are refused rather than ignored.
-METHOD_FLAGS = {"ks": ("uni", "exp", "ewa"), "decays": ("ema",), "swa_starts": ("swa",), "spacing": ("ewa",),
-                "ewa_blocks": ("ewa",)}
+METHOD_FLAGS = {"ks": ("uni", "exp", "ewa"), "alpha": ("exp",), "decays": ("ema",), "swa_starts": ("swa",),
+                "spacing": ("ewa",), "ewa_blocks": ("ewa",)}
 DEFAULT_KS = "2,4,6,8,10"
 
 
@@ -460,7 +460,7 @@ def add_method_args(parser: argparse.ArgumentParser, default_ks: str = DEFAULT_K
                         "one process (one set-up; each method's flags apply to it alone)")
     parser.add_argument("--ks", default=None, help=f"uni, exp, ewa: window sizes k, comma-separated "
                         f"(default: {default_ks})")
-    parser.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
+    parser.add_argument("--alpha", type=float, default=None, help="exp: weight of the newest checkpoint (default 0.9)")
     parser.add_argument("--decays", default=None, metavar="D,...",
                         help="ema: decays d per epoch, comma-separated, e.g. 0.5,0.75 (k column: 1/(1−d))")
     parser.add_argument("--swa-starts", default=None, metavar="S,...",
@@ -502,7 +502,7 @@ def method_options(args: argparse.Namespace) -> dict:
                             f"not {args.method}")
     default_ks = getattr(args, "default_ks", DEFAULT_KS)
     if args.method in ("uni", "exp"):
-        return {"ks": parse_ks(args.ks or default_ks), "alpha": args.alpha}
+        return {"ks": parse_ks(args.ks or default_ks), "alpha": 0.9 if args.alpha is None else args.alpha}
     if args.method == "ema":
         return {"decays": parse_list(args.decays, float, "--decays", "0.5,0.75", "ema")}
     if args.method == "swa":

@@ -827,7 +827,7 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--k", type=int, help="window size: checkpoint{E-k+1}.pt ... checkpoint{E}.pt")
     src.add_argument("--files", type=Path, nargs="+", help="explicit checkpoint files, oldest first")
     avg.add_argument("--method", choices=["uni", "exp"], default="uni", help="uniform (LAWA) or exponential")
-    avg.add_argument("--alpha", type=float, default=0.9, help="exp: weight of the newest checkpoint")
+    avg.add_argument("--alpha", type=float, default=None, help="exp: weight of the newest checkpoint (default 0.9)")
     avg.add_argument("--out", type=Path, required=True, help="output file (.pt, or .safetensors)")
     avg.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     avg.add_argument(
@@ -858,7 +858,9 @@ def _average_command(args: argparse.Namespace) -> None:
         files = [ckpts[i] for i in window(args.end, args.k)]
     if args.out.exists() and not args.force:
         raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
-    weights = method_weights(args.method, len(files), args.alpha)
+    if args.alpha is not None and args.method != "exp":
+        raise LawaError(f"--alpha applies to --method exp, not {args.method}")
+    weights = method_weights(args.method, len(files), 0.9 if args.alpha is None else args.alpha)
     loaded: dict[str, Any] = {}
 
     def states():  # one file at a time: each memory-mapped checkpoint is released before the next

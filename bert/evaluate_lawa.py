@@ -22,8 +22,8 @@ Cells already in the results file are skipped, so an interrupted sweep resumes.
 The methods, their flags, CSV labels and k columns are those of ``imagenet/evaluate_lawa.py`` (the table
 in its docstring): ``lawa_methods`` defines them for both sweeps.
 
-A flag that none of the ``--method``s takes is refused, not ignored (``--alpha`` aside: only exp reads it);
-with several methods, each reads only its own flags. SWA at its start
+A flag that none of the ``--method``s takes is refused, not ignored; with several methods, each reads only
+its own flags. SWA at its start
 epoch and EMA at f are the checkpoint itself; they are written as ``swa``/``ema`` rows (equal to the
 baseline's loss: nothing is recomputed here).
 

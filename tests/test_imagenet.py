@@ -326,6 +326,7 @@ def test_several_methods_in_one_process_write_the_cells_of_separate_sweeps(metho
      "--spacing applies to --method ewa, not ema,swa"),
     (["--method", "ema,swa", "--decays", "0.5"], "--method swa needs --swa-starts"),
     (["--method", "swa", "--decays", "0.5"], "--decays applies to --method ema, not swa"),
+    (["--method", "uni", "--alpha", "0.5"], "--alpha applies to --method exp, not uni"),
     (["--method", "ema", "--ks", "2"], "--ks applies to --method uni or exp or ewa, not ema"),
     (["--method", "ema"], "--method ema needs --decays, e.g. --decays 0.5,0.75"),
     (["--method", "ewa", "--ks", "2"], "--method ewa needs --spacing"),

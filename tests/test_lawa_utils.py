@@ -342,6 +342,8 @@ def _bad_inputs(tmp_path):
         ("keys", lambda d: copy_with(d, 2, drop), "mismatched keys"),
         ("shapes", lambda d: copy_with(d, 2, reshape), "mismatched shapes for 'fc.bias'"),
         ("out exists", lambda d: ["--dir", good, "--end", 2, "--k", 2, "--out", paths[1]], "already exists"),
+        ("alpha without exp", lambda d: ["--dir", good, "--end", 2, "--k", 2, "--alpha", 0.5],
+         "--alpha applies to --method exp, not uni"),
     ]
 
 

@@ -5,6 +5,8 @@
 #   OUT=/path FORCE=1 bash reproduce_all.sh    # another output folder; rerun every stage
 #   IMAGENET=/data/imagenet WIKITEXT=/data/wikitext-103-raw GPT2_BPE=/data/gpt2_bpe GPUS=4 bash reproduce_all.sh
 #   METHODS=0 bash reproduce_all.sh            # without the other averaging methods (EMA, SWA, EWA, TWA)
+#   APX_DATA=/data/cifar100 APX_ARCH=resnet34 APX_EPOCHS=200 APX_SUBSET=50000 APX_IMAGE_SIZE=32 APX_BATCH=128 \
+#   APX_K=10 bash reproduce_all.sh             # Appendix B/C at the paper's scale (CIFAR-100 as an ImageFolder)
 #   GPT=1 bash reproduce_all.sh                # also gpt/ (LAWA vs EMA vs SWA at high LR); off by default:
 #                                              # it does not fit the 20-minute budget beside the rest
 #   IMAGENET=/data/imagenet CKPT_DIR=/ckpts/resnet50 bash reproduce_all.sh   # sweep a published/your own
@@ -34,6 +36,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"   # threads per process: LANES ×
 
 # Appendix B/C at embedded scale: a smaller Fashion-MNIST run per seed and optimizer (the paper: CIFAR-100,
 # ResNet-34, 200 epochs, Lookahead alpha=0.8 k=5, LAWA k=10). Sized to fit the 20-minute budget.
+APX_DATA="${APX_DATA:-fashion-mnist}"    # an ImageFolder root (train/, val/), e.g. CIFAR-100 exported as the
+                                         # paper's appendix used it; default: the embedded Fashion-MNIST
+APX_ARCH="${APX_ARCH:-resnet18}"         # torchvision model (the paper: resnet34)
 APX_EPOCHS="${APX_EPOCHS:-10}"           # epochs per appendix run
 APX_SUBSET="${APX_SUBSET:-2048}"         # training images per appendix run
 APX_IMAGE_SIZE="${APX_IMAGE_SIZE:-16}"   # input side in pixels
@@ -79,11 +84,11 @@ in_lanes() {
 
 # appendix_run SEED OPT: one appendix trajectory (reused when finished) and, for SGD, its LAWA sweeps.
 appendix_run() {
-    local seed="$1" opt="$2" data="${IMAGENET:-fashion-mnist}"
+    local seed="$1" opt="$2" data="$APX_DATA"
     local dir="$OUT/appendix/seed$seed/$opt"
     if [ ! -f "$dir/checkpoint$APX_EPOCHS.pt" ]; then   # a finished run is reused
         rm -rf "$dir"; mkdir -p "$dir"
-        "$PY" "$REPO/imagenet/main.py" "$data" -a resnet18 --epochs "$APX_EPOCHS" -b "$APX_BATCH" --lr "$APX_LR" \
+        "$PY" "$REPO/imagenet/main.py" "$data" -a "$APX_ARCH" --epochs "$APX_EPOCHS" -b "$APX_BATCH" --lr "$APX_LR" \
             --wd 5e-4 --seed "$seed" --train-subset "$APX_SUBSET" --image-size "$APX_IMAGE_SIZE" \
             --val-subset 2000 --eval-batch-size 1000 -j 0 -p 1000 --optimizer "$opt" --save-dir "$dir" \
             > "$dir/train.out" 2>&1 || { tail -5 "$dir/train.out"; return 1; }
@@ -103,7 +108,7 @@ appendix_run() {
 # 2 epochs (64 steps, lr 0.05: lr 2 diverged, 0.5 ended 2.6 points below 0.05 on seed 0) in the span of the
 # checkpoints SWA averages at the end. Evaluated as the appendix sweeps.
 methods_run() {
-    local seed="$1" data="${IMAGENET:-fashion-mnist}"
+    local seed="$1" data="$APX_DATA"
     local dir="$OUT/appendix/seed$seed/sgd" half=$(( APX_EPOCHS / 2 ))   # SWA: half..E; TWA: span(θ_half … θ_last)
     local decay; decay="$(awk "BEGIN { print 1 - 1 / $APX_K }")"       # EMA's effective window 1/(1−d) = APX_K
     local on=("$data" --ckpt-dir "$dir" --out "$dir/results.csv" -j 0 --eval-batch-size 1000 --bn-batches 16

@@ -108,6 +108,7 @@ __all__ = [
     "iter_ema_averages",
     "iter_ewa_averages",
     "iter_method_averages",
+    "iter_runs_cells",
     "iter_swa_averages",
     "iter_sweep_cells",
     "method_label",
@@ -408,7 +409,7 @@ def iter_method_averages(
     starts: Iterable[int] = (),
     spacing: int = 1,
     blocks: bool = False,
-    alpha: float = 0.9,
+    alpha: float = lu.DEFAULT_ALPHA,
     ends: Iterable[int] | None = None,
     trust: bool = False,
     skip: Iterable[tuple[int, int]] = (),
@@ -460,7 +461,8 @@ def add_method_args(parser: argparse.ArgumentParser, default_ks: str = DEFAULT_K
                         "one process (one set-up; each method's flags apply to it alone)")
     parser.add_argument("--ks", default=None, help=f"uni, exp, ewa: window sizes k, comma-separated "
                         f"(default: {default_ks})")
-    parser.add_argument("--alpha", type=float, default=None, help="exp: weight of the newest checkpoint (default 0.9)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"exp: weight of the newest checkpoint (default {lu.DEFAULT_ALPHA})")
     parser.add_argument("--decays", default=None, metavar="D,...",
                         help="ema: decays d per epoch, comma-separated, e.g. 0.5,0.75 (k column: 1/(1−d))")
     parser.add_argument("--swa-starts", default=None, metavar="S,...",
@@ -502,7 +504,7 @@ def method_options(args: argparse.Namespace) -> dict:
                             f"not {args.method}")
     default_ks = getattr(args, "default_ks", DEFAULT_KS)
     if args.method in ("uni", "exp"):
-        return {"ks": parse_ks(args.ks or default_ks), "alpha": 0.9 if args.alpha is None else args.alpha}
+        return {"ks": parse_ks(args.ks or default_ks), "alpha": lu.DEFAULT_ALPHA if args.alpha is None else args.alpha}
     if args.method == "ema":
         return {"decays": parse_list(args.decays, float, "--decays", "0.5,0.75", "ema")}
     if args.method == "swa":
@@ -580,6 +582,12 @@ def iter_sweep_cells(
     if baseline:
         cells = lu.iter_window_averages(checkpoints, [1], ends, trust=trust, skip=skip_base, load=load)
         yield from (("baseline", end, k, state) for end, k, state in cells)
+
+
+def iter_runs_cells(runs: Iterable[argparse.Namespace], *args: Any, **kwargs: Any):
+    """:func:`iter_sweep_cells` for each namespace of :func:`split_methods`, one method after another."""
+    for run in runs:
+        yield from iter_sweep_cells(run, *args, **kwargs)
 
 
 def summary_table(results, label: str, *, optimizer: str, seed: int, split: str, metric: str):

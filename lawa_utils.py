@@ -356,7 +356,10 @@ def window(end: int, k: int) -> range:
     return range(end - k + 1, end + 1)
 
 
-def method_weights(method: str, k: int, alpha: float = 0.9) -> list[float]:
+DEFAULT_ALPHA = 0.9  # exp: the newest checkpoint's weight when none is given (the paper's Appendix C)
+
+
+def method_weights(method: str, k: int, alpha: float = DEFAULT_ALPHA) -> list[float]:
     """Coefficients for the k checkpoints of a window, oldest first; they sum to 1.
 
     ``uni``: 1/k each (LAWA). ``exp``: the paper's Appendix C, eq. (1), θ_E^EXP = α θ_E + (1−α) θ_{E−1}^EXP
@@ -525,7 +528,7 @@ def iter_window_averages(
     ends: Iterable[int] | None = None,
     *,
     method: str = "uni",
-    alpha: float = 0.9,
+    alpha: float = DEFAULT_ALPHA,
     trust: bool = False,
     skip: Iterable[tuple[int, int]] = (),
     load=None,
@@ -827,7 +830,8 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--k", type=int, help="window size: checkpoint{E-k+1}.pt ... checkpoint{E}.pt")
     src.add_argument("--files", type=Path, nargs="+", help="explicit checkpoint files, oldest first")
     avg.add_argument("--method", choices=["uni", "exp"], default="uni", help="uniform (LAWA) or exponential")
-    avg.add_argument("--alpha", type=float, default=None, help="exp: weight of the newest checkpoint (default 0.9)")
+    avg.add_argument("--alpha", type=float, default=None,
+                     help=f"exp: weight of the newest checkpoint (default {DEFAULT_ALPHA})")
     avg.add_argument("--out", type=Path, required=True, help="output file (.pt, or .safetensors)")
     avg.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     avg.add_argument(
@@ -860,7 +864,7 @@ def _average_command(args: argparse.Namespace) -> None:
         raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
     if args.alpha is not None and args.method != "exp":
         raise LawaError(f"--alpha applies to --method exp, not {args.method}")
-    weights = method_weights(args.method, len(files), 0.9 if args.alpha is None else args.alpha)
+    weights = method_weights(args.method, len(files), DEFAULT_ALPHA if args.alpha is None else args.alpha)
     loaded: dict[str, Any] = {}
 
     def states():  # one file at a time: each memory-mapped checkpoint is released before the next

@@ -138,8 +138,8 @@ figures() {
 
 START=$(date +%s); bash "$REPO/setup.sh"   # always: idempotent, seconds when everything is installed
 echo "setup: $(( $(date +%s) - START )) s"
-# The queue, longest jobs first (measured in one lane, README "Time"): imagenet ≈600-990 s, bert + its methods
-# ≈450 s, an SGD appendix run with its sweeps and methods ≈200 s, a Lookahead run ≈90 s.
+# The queue, longest jobs first (one lane each, 2026-12-02, README "Time"): imagenet ≈690-770 s, bert + its
+# methods ≈470-510 s, an SGD appendix run with its sweeps and methods ≈240-250 s, a Lookahead run ≈100-115 s.
 queue() {
     local seed
     echo "run_stage imagenet env OUT=\"$OUT/imagenet\" CKPT_DIR=\"${CKPT_DIR:-}\" bash \"$REPO/imagenet/reproduce_results.sh\""
@@ -161,13 +161,7 @@ run_stage figures figures
 
 echo
 echo "== wall seconds per job (LANES=$LANES side by side; a job's time includes waiting for the other lane's I/O)"
-names="imagenet bert"
-[ "$METHODS" != 1 ] || names+=" bert-methods"
-for seed in $SEEDS; do
-    names+=" appendix-s$seed-sgd"
-    [ "$METHODS" != 1 ] || names+=" methods-s$seed"
-    names+=" appendix-s$seed-lookahead"
-done
+names="$(queue | grep -o 'run_stage [^ ]*' | cut -d' ' -f2)"   # the jobs queued above, in queue order
 [ "$GPT" != 1 ] || names+=" gpt"
 for name in $names figures; do
     printf '  %-24s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo -)"

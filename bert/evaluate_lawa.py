@@ -200,8 +200,7 @@ def iter_cells(runs: list[argparse.Namespace], checkpoints: dict, ends: list[int
     """``(CSV method, E, k, state)`` for every cell still to do, method after method (``lm.split_methods``);
     with ``--method uni`` the baseline rides in the LAWA pass (checkpoints are large here: each is read once
     in all), else it is a second pass."""
-    for run in runs:
-        yield from lm.iter_sweep_cells(run, checkpoints, ends, done, baseline_in_pass=True, load=load)
+    return lm.iter_runs_cells(runs, checkpoints, ends, done, baseline_in_pass=True, load=load)
 
 
 def count_cells(runs: list[argparse.Namespace], checkpoints: dict, ends: list[int], done: dict[str, set]) -> int:

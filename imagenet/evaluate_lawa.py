@@ -100,7 +100,7 @@ def sweep(args: argparse.Namespace) -> None:
     done = done_cells(out, [*labels, "baseline"], splits, METRICS, args.optimizer, args.seed)
     # Plan with a loader that reads nothing: the sweeps decide their own cells (and name a checkpoint missing
     # inside a window) before any data or model is built, and the count needs no second copy of their rules.
-    todo = sum(1 for run in runs for _ in lm.iter_sweep_cells(run, checkpoints, ends, done, load=lambda path: {}))
+    todo = sum(1 for _ in lm.iter_runs_cells(runs, checkpoints, ends, done, load=lambda path: {}))
     if not todo:
         print(f"{PROG}: all {', '.join(labels)} cells of {args.ckpt_dir} are already in {out}")
         return
@@ -118,8 +118,7 @@ def sweep(args: argparse.Namespace) -> None:
     record_run(out, args)
     started = time.perf_counter()
     with tqdm(total=todo, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True) as bar:
-        cells = (cell for run in runs for cell in lm.iter_sweep_cells(run, checkpoints, ends, done))
-        for name, end, k, state in cells:
+        for name, end, k, state in lm.iter_runs_cells(runs, checkpoints, ends, done):
             try:
                 model.load_state_dict(state)
             except RuntimeError as exc:  # e.g. an ImageNet trajectory swept with the wrong DATA

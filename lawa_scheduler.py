@@ -27,11 +27,13 @@ Until k snapshots exist the average is over those taken so far (``num_averaged``
 
 How it works. The scheduler keeps the k latest snapshots in a ring on ``device`` (CPU by default) and the sum
 of their floating-point tensors, so a snapshot costs O(parameters) whatever k is: the new snapshot is copied
-into the oldest slot and ``sum += new − evicted``. Add-and-subtract lets rounding error build up, so a second
-sum is accumulated from zero alongside; every k snapshots it holds exactly the current window and replaces the
-running sum. The error is therefore never more than k add/subtract pairs old, with no O(k × parameters)
-recount on any step. Memory: (k + 2) × the model's size (fp16/bf16 tensors are summed in fp32). Integer
-buffers such as BatchNorm's ``num_batches_tracked`` are taken from the newest snapshot, never averaged.
+into the oldest slot and ``sum += new − evicted``. Add-and-subtract lets rounding error build up, so each
+snapshot also recounts 1/k of the sum exactly from the ring (snapshot n recounts chunk n mod k of every
+tensor's elements; the ring holds each tensor's k slots in one (k, …) tensor, so that is one reduction per
+tensor reading k × 1/k = one model's worth). Every element is thus recounted every k snapshots: its error is
+never more than k add/subtract pairs old. Memory: (k + 1) × the model's size, allocated at the first
+snapshot (fp16/bf16 tensors are summed in fp32). Integer buffers such as BatchNorm's ``num_batches_tracked``
+are taken from the newest snapshot, never averaged.
 
 Wrapped models. DistributedDataParallel / DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``)
 wrappers are looked through, so names are the plain model's. Under DDP every rank runs its own scheduler and
@@ -61,8 +63,11 @@ from torch import Tensor, nn
 
 __all__ = ["LawaScheduler"]
 
-_STATE_VERSION = 1
-_STATE_KEYS = ("version", "k", "every_n_steps", "start", "count", "num_snapshots", "ring", "sum", "fresh")
+# Version 2 dropped version 1's second running sum "fresh" (memory (k+2)× → (k+1)×); version-1 states still
+# load: their "sum" is the window's sum either way, and "fresh" is ignored.
+_STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_STATE_KEYS = ("version", "k", "every_n_steps", "start", "count", "num_snapshots", "ring", "sum")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -161,9 +166,9 @@ class LawaScheduler:
         self._model = _unwrap(model)
         self._count = 0  # optimizer steps (step mode) or epochs (update mode) seen so far
         self._num_snapshots = 0  # snapshots taken so far; the newest sits in slot (n − 1) % k
-        self._ring: list[dict[str, Tensor]] = []  # up to k snapshots, slot i holds snapshot i, i+k, …
-        self._sum: dict[str, Tensor] = {}  # Σ over the ring of the floating-point tensors
-        self._fresh: dict[str, Tensor] = {}  # Σ since the last multiple of k snapshots; becomes _sum
+        # name → (k, *shape): the ring of the k latest snapshots; slot i holds snapshot i, i+k, …
+        self._ring: dict[str, Tensor] = {}
+        self._sum: dict[str, Tensor] = {}  # Σ over the filled slots of the floating-point tensors
         self._swapped = False
 
     @property
@@ -213,45 +218,51 @@ class LawaScheduler:
         self._count = count
         return due
 
+    @property
+    def _filled(self) -> int:
+        """Ring slots holding a snapshot."""
+        return min(self._num_snapshots, self.k)
+
+    def _slot(self, index: int) -> dict[str, Tensor]:
+        """Slot ``index`` of the ring as name → tensor (views into the ring)."""
+        return {name: ring[index] for name, ring in self._ring.items()}
+
     @torch.no_grad()
     def _snapshot(self) -> None:
         live = _model_tensors(self._model)
-        slot_index = self._num_snapshots % self.k
-        filling = slot_index == len(self._ring)
         if self._ring:
-            _check_layout(live, self._ring[0], "LawaScheduler: the model changed since the first snapshot")
-        if filling:
-            self._ring.append({name: torch.empty_like(t, device=self.device) for name, t in live.items()})
-        if not self._sum:
+            _check_layout(live, self._slot(0), "LawaScheduler: the model changed since the first snapshot")
+        else:
             for name, t in live.items():
+                self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
                 if _is_averaged(t):
                     self._sum[name] = torch.zeros_like(t, dtype=_sum_dtype(t.dtype), device=self.device)
-                    self._fresh[name] = torch.zeros_like(self._sum[name])
-        slot = self._ring[slot_index]
+        n = self._num_snapshots
+        slot_index, filling, filled = n % self.k, n < self.k, min(n + 1, self.k)
+        chunk = n % self.k  # the 1/k of every tensor's elements whose sum is recounted exactly this time
         for name, t in live.items():
-            kept = slot[name]
-            if name in self._sum:
-                if not filling:
-                    self._sum[name].sub_(kept)  # evict the oldest snapshot
+            ring = self._ring[name]
+            kept = ring[slot_index]
+            total = self._sum.get(name)
+            if total is None:
                 kept.copy_(t)
-                self._sum[name].add_(kept)
-                self._fresh[name].add_(kept)
-            else:
-                kept.copy_(t)
-        self._num_snapshots += 1
-        if self._num_snapshots % self.k == 0:
-            # _fresh now holds exactly the window's sum, added up from zero: it replaces the running sum and
-            # discards whatever rounding the add/subtract pairs accumulated.
-            self._sum, self._fresh = self._fresh, self._sum
-            for t in self._fresh.values():
-                t.zero_()
+                continue
+            if not filling:
+                total.sub_(kept)  # evict the oldest snapshot
+            kept.copy_(t)
+            total.add_(kept)
+            size = total.numel()
+            lo, hi = chunk * size // self.k, (chunk + 1) * size // self.k
+            flat = total.view(-1)[lo:hi]
+            torch.sum(ring[:filled].view(filled, -1)[:, lo:hi], dim=0, dtype=total.dtype, out=flat)
+        self._num_snapshots = n + 1
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """θ^LAWA as a new state dict on ``device``: plain-model names, float tensors averaged in their own
         dtype, integer tensors from the newest snapshot. Loads into the unwrapped model."""
         if not self._ring:
             raise ValueError(self._nothing_yet())
-        newest = self._ring[(self._num_snapshots - 1) % self.k]
+        newest = self._slot((self._num_snapshots - 1) % self.k)
         n = self.num_averaged
         return {
             name: (self._sum[name] / n).to(t.dtype) if name in self._sum else t.clone() for name, t in newest.items()
@@ -272,8 +283,9 @@ class LawaScheduler:
     def swapped_in(self, model: nn.Module | None = None) -> Iterator[None]:
         """Load θ^LAWA into the live model for the ``with`` block, then restore its weights bit-exactly.
 
-        The live parameters and buffers are copied aside (on their own device) and copied back on exit, also
-        when the block raises, so anything done inside (evaluation, ``recompute_bn``) leaves no trace.
+        The live parameters and buffers are copied aside to the scheduler's ``device`` (so the training device
+        holds nothing extra) and copied back on exit, also when the block raises, so anything done inside
+        (evaluation, ``recompute_bn``) leaves no trace.
         ``model`` defaults to the scheduler's own; pass another with the same names to evaluate there.
         """
         if self._swapped:
@@ -281,8 +293,9 @@ class LawaScheduler:
         target = self._model if model is None else _unwrap(model)
         averaged = self.averaged_state_dict()
         with torch.no_grad():
-            saved = {name: t.clone() for name, t in _model_tensors(target).items()}
+            saved = {name: t.to(self.device, copy=True) for name, t in _model_tensors(target).items()}
         _copy_into(target, averaged, "LawaScheduler.swapped_in")
+        del averaged  # held in the model now; the block runs with only `saved` beside the ring
         self._swapped = True
         try:
             yield
@@ -291,10 +304,12 @@ class LawaScheduler:
             self._swapped = False
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically: settings, counters, ring slots and both sums.
+        """Everything needed to resume bit-identically: settings, counters, the filled ring slots, the sum.
 
         Holds only ints, None, lists, dicts and tensors, so ``torch.load(..., weights_only=True)`` reads it.
-        As with ``nn.Module.state_dict()``, the tensors are the scheduler's own: save or clone them.
+        As with ``nn.Module.state_dict()``, the tensors are the scheduler's own: save or clone them. The slots
+        are views into one (k, …) tensor per name, so ``torch.save`` writes each of those once, unfilled
+        slots (zeros) included.
         """
         return {
             "version": _STATE_VERSION,
@@ -303,9 +318,8 @@ class LawaScheduler:
             "start": self.start,
             "count": self._count,
             "num_snapshots": self._num_snapshots,
-            "ring": [dict(slot) for slot in self._ring],
+            "ring": [self._slot(i) for i in range(self._filled)],
             "sum": dict(self._sum),
-            "fresh": dict(self._fresh),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -315,8 +329,10 @@ class LawaScheduler:
         missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
             raise ValueError(f"{where}: not a LawaScheduler state (missing {missing})")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"{where}: state version {state['version']!r}, this code reads {_STATE_VERSION}")
+        if state["version"] not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"{where}: state version {state['version']!r}, this code reads versions {_READABLE_VERSIONS}"
+            )
         for key in ("k", "every_n_steps", "start"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -334,14 +350,15 @@ class LawaScheduler:
             for name, t in live.items()
             if _is_averaged(t)
         }
-        for key in ("sum", "fresh"):
-            _check_layout(sum_layout if ring else {}, state[key], f"{where} ({key})")
+        _check_layout(sum_layout if ring else {}, state["sum"], f"{where} (sum)")
 
-        def own(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-            return {name: t.to(self.device, copy=True) for name, t in tensors.items()}
-
-        self._ring = [own(slot) for slot in ring]
-        self._sum, self._fresh = own(state["sum"]), own(state["fresh"])
+        self._ring = {}
+        if ring:
+            for name, t in live.items():
+                self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
+                for index, slot in enumerate(ring):
+                    self._ring[name][index].copy_(slot[name])
+        self._sum = {name: t.to(self.device, copy=True) for name, t in state["sum"].items()}
         self._count, self._num_snapshots = int(state["count"]), num_snapshots
 
     def _nothing_yet(self) -> str:

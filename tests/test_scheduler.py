@@ -262,7 +262,8 @@ class _CountTorchCalls(TorchFunctionMode):
 
 
 def test_update_cost_does_not_grow_with_k():
-    """Each snapshot does the same tensor work (copy, add, subtract) whatever k is: no pass over the ring."""
+    """Each snapshot does the same tensor work whatever k is (copy, add, subtract, and one reduction that
+    recounts 1/k of each sum from the k slots): no pass over the whole ring."""
     calls_per_k = {}
     for k in (2, 32):
         bn = nn.BatchNorm1d(8)
@@ -372,7 +373,36 @@ def test_killed_and_resumed_run_gives_bit_identical_averages(tmp_path):
     for a, b in zip(resumed_state["ring"], reference_state["ring"], strict=True):
         _assert_states_equal(a, b)
     _assert_states_equal(resumed_state["sum"], reference_state["sum"])
-    _assert_states_equal(resumed_state["fresh"], reference_state["fresh"])
+    assert "fresh" not in resumed_state  # version 2: one running sum, (k+1)× the model
+
+
+def test_version_1_states_still_load_and_go_on_averaging():
+    """A state saved by version 1 (which also kept a second running sum "fresh") resumes: its ring and sum
+    are taken, "fresh" is ignored, and the averages after more updates equal the post-hoc ones."""
+    lin = nn.Linear(4, 3)
+    lawa = LawaScheduler(lin, k=3)
+    snapshots = []
+    for epoch in range(5):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.fill_(float(epoch)).add_(torch.arange(p.numel()).view_as(p) / 7)
+        lawa.update()
+        snapshots.append({name: t.clone() for name, t in lin.state_dict().items()})
+    state = lawa.state_dict()
+    v1 = {**state, "version": 1, "ring": [{n: t.clone() for n, t in slot.items()} for slot in state["ring"]],
+          "fresh": {name: torch.zeros_like(t) for name, t in state["sum"].items()}}
+    resumed = LawaScheduler(lin, k=3)
+    resumed.load_state_dict(v1)
+    _assert_states_equal(resumed.averaged_state_dict(), lawa.averaged_state_dict())
+    for epoch in range(5, 9):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.fill_(-float(epoch))
+        resumed.update()
+        snapshots.append({name: t.clone() for name, t in lin.state_dict().items()})
+        _assert_matches_posthoc(resumed.averaged_state_dict(), snapshots[-3:])
+    with pytest.raises(ValueError, match="state version 3"):
+        LawaScheduler(lin, k=3).load_state_dict({**state, "version": 3})
 
 
 def test_load_state_dict_refuses_other_settings_and_other_models():

@@ -235,8 +235,8 @@ class LawaScheduler:
         else:
             for name, t in live.items():
                 self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
-                if _is_averaged(t):
-                    self._sum[name] = torch.zeros_like(t, dtype=_sum_dtype(t.dtype), device=self.device)
+                if _is_averaged(t):  # contiguous whatever the model's layout (channels_last): chunks are flat
+                    self._sum[name] = torch.zeros(t.shape, dtype=_sum_dtype(t.dtype), device=self.device)
         n = self._num_snapshots
         slot_index, filling, filled = n % self.k, n < self.k, min(n + 1, self.k)
         chunk = n % self.k  # the 1/k of every tensor's elements whose sum is recounted exactly this time
@@ -254,7 +254,7 @@ class LawaScheduler:
             size = total.numel()
             lo, hi = chunk * size // self.k, (chunk + 1) * size // self.k
             flat = total.view(-1)[lo:hi]
-            torch.sum(ring[:filled].view(filled, -1)[:, lo:hi], dim=0, dtype=total.dtype, out=flat)
+            torch.sum(ring[:filled].view(filled, size)[:, lo:hi], dim=0, dtype=total.dtype, out=flat)
         self._num_snapshots = n + 1
 
     def averaged_state_dict(self) -> dict[str, Tensor]:
@@ -358,7 +358,9 @@ class LawaScheduler:
                 self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
                 for index, slot in enumerate(ring):
                     self._ring[name][index].copy_(slot[name])
-        self._sum = {name: t.to(self.device, copy=True) for name, t in state["sum"].items()}
+        self._sum = {
+            name: torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(t) for name, t in state["sum"].items()
+        }
         self._count, self._num_snapshots = int(state["count"]), num_snapshots
 
     def _nothing_yet(self) -> str:

@@ -229,6 +229,38 @@ def test_online_average_equals_posthoc_average_of_the_k_latest_snapshots():
     assert lawa.num_snapshots == len(snapshots) == 7  # steps 4, 6, …, 16
 
 
+def test_channels_last_model_averages_and_resumes_like_a_contiguous_one():
+    """A model converted to channels_last (non-contiguous conv weights) gives the same averages, also after a
+    resume from a saved state whose tensors are channels_last too."""
+    model = _resnet().to(memory_format=torch.channels_last)
+    assert not model.conv1.weight.is_contiguous()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lawa = LawaScheduler(model, k=3, every_n_steps=1)
+    snapshots = _train(model, optimizer, lawa, range(4))
+    _assert_matches_posthoc(lawa.averaged_state_dict(), snapshots[-3:])
+    state = lawa.state_dict()
+    state["sum"] = {name: t.to(memory_format=torch.channels_last) if t.dim() == 4 else t
+                    for name, t in state["sum"].items()}
+    resumed = LawaScheduler(model, k=3, every_n_steps=1)
+    resumed.load_state_dict(state)
+    snapshots += _train(model, optimizer, resumed, range(4, 6))
+    _assert_matches_posthoc(resumed.averaged_state_dict(), snapshots[-3:])
+    with resumed.swapped_in():
+        _assert_states_equal(_plain_state(model), resumed.averaged_state_dict())
+
+
+def test_zero_element_tensors_are_carried_along():
+    lin = nn.Linear(0, 3)  # weight (3, 0): empty, as a pruned or placeholder layer can be
+    lawa = LawaScheduler(lin, k=2)
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            lin.bias.fill_(value)
+        lawa.update()
+    averaged = lawa.averaged_state_dict()
+    assert averaged["weight"].shape == (3, 0)
+    assert torch.equal(averaged["bias"], torch.full((3,), 3.0))
+
+
 def test_running_sum_does_not_drift_over_many_updates():
     # A large common offset makes every `sum += new − evicted` round (ulp(5000) ≈ 5e-4). Without the exact
     # re-summation every k snapshots the error random-walks upwards: a plain running sum fed these values

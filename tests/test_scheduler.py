@@ -249,6 +249,7 @@ def test_channels_last_model_averages_and_resumes_like_a_contiguous_one():
         _assert_states_equal(_plain_state(model), resumed.averaged_state_dict())
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_zero_element_tensors_are_carried_along():
     lin = nn.Linear(0, 3)  # weight (3, 0): empty, as a pruned or placeholder layer can be
     lawa = LawaScheduler(lin, k=2)

@@ -89,7 +89,7 @@ def curves(run: Run, metric: str, k: int | None = None) -> list[Curve]:
             size = pick_k(frame, method, k, default=10)
             groups = [(f"{kind.upper()} k={size}", mine["k"] == size)]
         elif kind == "ema":
-            groups = [(f"EMA d={1 - 1 / size:g}", mine["k"] == size) for size in sizes]
+            groups = [(f"EMA d={1 - 1 / size:.3g}", mine["k"] == size) for size in sizes]
         elif kind == "swa":  # one curve per start s = E − k + 1; its k grows with E
             start = mine["epoch"] - mine["k"] + 1
             groups = [(f"SWA from epoch {s}", start == s) for s in sorted(start.unique())]

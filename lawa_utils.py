@@ -188,15 +188,20 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
 def split_checkpoint(obj: Any, name: str = "checkpoint") -> tuple[str, dict[str, torch.Tensor]]:
     """Return ``(format, model_state)`` for a loaded checkpoint object; wrapper prefixes are stripped.
 
-    Formats: ``fairseq`` (``model`` plus ``args``/``cfg``), ``examples`` (pytorch/examples and
-    torchvision references: ``state_dict`` or ``model``), ``nanogpt`` (``model`` or ``net``), ``plain``
-    (a bare state dict, also safetensors).
+    Formats: ``fairseq`` (``model`` plus ``cfg``, ``optimizer_history`` or ``extra_state``), ``torchvision``
+    (its references/classification/train.py: ``model`` plus ``lr_scheduler`` and ``epoch``), ``examples``
+    (pytorch/examples: ``state_dict``), ``nanogpt`` (``model`` or ``net``), ``plain`` (a bare state dict,
+    also safetensors). Only the name differs between the ``model`` formats: the weights are read from and
+    written back to the same key.
     """
     if _is_tensor_dict(obj):
         return "plain", _strip_wrappers(obj)[0]
     if isinstance(obj, Mapping):
-        if _is_tensor_dict(obj.get("model")) and ("cfg" in obj or "args" in obj or "optimizer_history" in obj):
-            return "fairseq", _strip_wrappers(obj["model"])[0]
+        model = obj.get("model")
+        if _is_tensor_dict(model) and any(key in obj for key in ("cfg", "optimizer_history", "extra_state")):
+            return "fairseq", _strip_wrappers(model)[0]
+        if _is_tensor_dict(model) and "lr_scheduler" in obj and "epoch" in obj:
+            return "torchvision", _strip_wrappers(model)[0]
         if _is_tensor_dict(obj.get("state_dict")):
             return "examples", _strip_wrappers(obj["state_dict"])[0]
         for key in ("model", "net"):
@@ -207,7 +212,7 @@ def split_checkpoint(obj: Any, name: str = "checkpoint") -> tuple[str, dict[str,
     raise LawaError(f"{name} is not a checkpoint (it holds a {type(obj).__name__}, not a dict of tensors)")
 
 
-_MODEL_KEY = {"fairseq": "model", "examples": "state_dict"}
+_MODEL_KEY = {"fairseq": "model", "torchvision": "model", "examples": "state_dict"}
 
 
 def with_model_state(template: Any, fmt: str, state: Mapping[str, torch.Tensor], **extra: Any) -> Any:

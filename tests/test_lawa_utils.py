@@ -198,6 +198,9 @@ def test_every_format_yields_the_same_unwrapped_state(tmp_path):
     files = {
         "examples": {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3, "arch": "x"},
         "fairseq": {"model": sd, "args": argparse.Namespace(lr=[0.1]), "cfg": {"task": {}}, "extra_state": {}},
+        "fairseq-old": {"model": sd, "args": argparse.Namespace(lr=[0.1]), "optimizer_history": [], "extra_state": {}},
+        "torchvision": {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}, "lr_scheduler": {},
+                        "epoch": 4, "args": argparse.Namespace(model="resnet18"), "model_ema": {"n_averaged": 1}},
         "nanogpt": {"model": {f"_orig_mod.{k}": v for k, v in sd.items()}, "iter_num": 5},
         "net": {"net": sd, "step": 1},
         "plain": dict(sd),
@@ -208,6 +211,11 @@ def test_every_format_yields_the_same_unwrapped_state(tmp_path):
     for path in [*(tmp_path / f"{n}.pt" for n in files), tmp_path / "st.safetensors"]:
         state = lu.load_model_state(path)
         assert state.keys() == sd.keys() and all(torch.equal(state[k], sd[k]) for k in sd), path
+    formats = {name: lu.split_checkpoint(lu.load_checkpoint(tmp_path / f"{name}.pt"))[0] for name in files}
+    assert formats == {"examples": "examples", "fairseq": "fairseq", "fairseq-old": "fairseq",
+                       "torchvision": "torchvision", "nanogpt": "nanogpt", "net": "nanogpt", "plain": "plain"}
+    back = lu.with_model_state(lu.load_checkpoint(tmp_path / "torchvision.pt"), "torchvision", sd)
+    assert list(back["model"]) == [f"module.{k}" for k in sd] and back["epoch"] == 4 and "model_ema" in back
     fmt, state = lu.split_checkpoint(lu.load_checkpoint(tmp_path / "examples.pt"))
     back = lu.with_model_state(lu.load_checkpoint(tmp_path / "examples.pt"), fmt, state)
     assert list(back["state_dict"]) == list(files["examples"]["state_dict"]) and back["epoch"] == 3

@@ -227,19 +227,24 @@ class LawaScheduler:
         """Slot ``index`` of the ring as name → tensor (views into the ring)."""
         return {name: ring[index] for name, ring in self._ring.items()}
 
+    def _allocate(self, live: Mapping[str, Tensor]) -> None:
+        """Zeroed ring and sums for tensors laid out as ``live``: (k + 1) × the model, on ``device``."""
+        self._ring, self._sum = {}, {}
+        for name, t in live.items():
+            self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
+            if _is_averaged(t):  # contiguous whatever the model's layout (channels_last): chunks are flat
+                self._sum[name] = torch.zeros(t.shape, dtype=_sum_dtype(t.dtype), device=self.device)
+
     @torch.no_grad()
     def _snapshot(self) -> None:
         live = _model_tensors(self._model)
         if self._ring:
             _check_layout(live, self._slot(0), "LawaScheduler: the model changed since the first snapshot")
         else:
-            for name, t in live.items():
-                self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
-                if _is_averaged(t):  # contiguous whatever the model's layout (channels_last): chunks are flat
-                    self._sum[name] = torch.zeros(t.shape, dtype=_sum_dtype(t.dtype), device=self.device)
+            self._allocate(live)
         n = self._num_snapshots
+        # Snapshot n goes into slot n mod k and recounts chunk n mod k (that 1/k of every tensor's elements).
         slot_index, filling, filled = n % self.k, n < self.k, min(n + 1, self.k)
-        chunk = n % self.k  # the 1/k of every tensor's elements whose sum is recounted exactly this time
         for name, t in live.items():
             ring = self._ring[name]
             kept = ring[slot_index]
@@ -252,7 +257,7 @@ class LawaScheduler:
             kept.copy_(t)
             total.add_(kept)
             size = total.numel()
-            lo, hi = chunk * size // self.k, (chunk + 1) * size // self.k
+            lo, hi = slot_index * size // self.k, (slot_index + 1) * size // self.k
             flat = total.view(-1)[lo:hi]
             torch.sum(ring[:filled].view(filled, size)[:, lo:hi], dim=0, dtype=total.dtype, out=flat)
         self._num_snapshots = n + 1
@@ -352,15 +357,15 @@ class LawaScheduler:
         }
         _check_layout(sum_layout if ring else {}, state["sum"], f"{where} (sum)")
 
-        self._ring = {}
+        self._ring, self._sum = {}, {}
         if ring:
-            for name, t in live.items():
-                self._ring[name] = torch.zeros((self.k, *t.shape), dtype=t.dtype, device=self.device)
-                for index, slot in enumerate(ring):
-                    self._ring[name][index].copy_(slot[name])
-        self._sum = {
-            name: torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(t) for name, t in state["sum"].items()
-        }
+            self._allocate(live)
+            with torch.no_grad():
+                for name, tensors in self._ring.items():
+                    for index, slot in enumerate(ring):
+                        tensors[index].copy_(slot[name])
+                for name, total in self._sum.items():
+                    total.copy_(state["sum"][name])
         self._count, self._num_snapshots = int(state["count"]), num_snapshots
 
     def _nothing_yet(self) -> str:

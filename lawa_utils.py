@@ -413,7 +413,7 @@ def average_state_dicts(
     ``states`` may be a generator: the states are consumed one at a time into the running sum, so only
     the sum and one state need to be in memory (``main`` loads each checkpoint file this way).
     In-place float32 accumulation keeps the relative error ≤ 3e-7 for k = 64 (tests/test_lawa_utils.py);
-    float64 accumulation measured 10–20× slower here (NOTES.md), so it is not used.
+    float64 accumulation measured 10–20× slower on CPU, so it is not used.
 
     >>> a, b = {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}
     >>> average_state_dicts([a, b])["w"]

@@ -29,11 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import csv
-import glob
-import io
-import json
 import math
 import os
 import pickle
@@ -49,12 +44,25 @@ from typing import Any
 
 import torch
 
+# The tidy CSV and atomic files live in the torch-free lawa_tidy; they stay importable from here.
+from lawa_tidy import (
+    RESULT_COLUMNS,
+    LawaError,
+    append_rows,
+    atomic_write,
+    done_cells,
+    read_results,
+    record_run,
+)
+
 __all__ = [
     "LawaError",
     "RESULT_COLUMNS",
     "SAFE_GLOBALS",
     "append_rows",
     "atomic_write",
+    "add_average_args",
+    "average_command",
     "average_main",
     "average_state_dicts",
     "check_compatible",
@@ -77,15 +85,8 @@ __all__ = [
     "with_model_state",
 ]
 
-# The one tidy schema shared by trainer logs and sweep results (see CONTRIBUTING.md).
-RESULT_COLUMNS = ["method", "k", "epoch", "split", "metric", "value", "wall_seconds", "optimizer", "seed"]
-
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
-
-
-class LawaError(Exception):
-    """An error for people: a one-line message that names the offending file or value."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,57 +253,6 @@ def load_model_state(path: str | os.PathLike, *, trust: bool = False) -> dict[st
 # --------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries of ``path`` left by writers that were killed (their pid no longer runs)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by someone else
-    return True
-
-
-def atomic_write(path: str | os.PathLike, write, *, force: bool = False) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync it and rename it into place.
-
-    A crash at any moment leaves either the old file or the new one under ``path``, never a partial one.
-    An existing ``path`` is refused unless ``force``.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise LawaError(f"{path} already exists; pass --force (force=True) to overwrite it")
-    if not path.parent.is_dir():
-        raise LawaError(f"cannot write {path}: directory {path.parent} does not exist")
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(obj: Any, path: str | os.PathLike, *, force: bool = False) -> None:
     """Save atomically (temporary file, fsync, rename); ``.safetensors`` paths get a safetensors file."""
     path = Path(path)
@@ -386,7 +336,17 @@ def method_weights(method: str, k: int, alpha: float = DEFAULT_ALPHA) -> list[fl
     raise LawaError(f"unknown averaging method '{method}' (choose uni or exp)")
 
 
-def check_compatible(ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], names: tuple[str, str]):
+def check_compatible(
+    ref: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], names: tuple[str, str]
+) -> None:
+    """Refuse to average ``state`` with ``ref`` unless both have the same keys and each key the same shape.
+
+        >>> check_compatible(first, state, ("checkpoint1.pt", "checkpoint7.pt"))
+
+    ``names`` label the two in the :class:`LawaError`, which names the first key found in only one of them
+    or the first key whose shapes differ. dtypes may differ (averages accumulate in float32); ``ref`` may be
+    on the meta device, as only shapes are compared.
+    """
     if ref.keys() != state.keys():
         only_ref = sorted(set(ref) - set(state))
         only_new = sorted(set(state) - set(ref))
@@ -477,22 +437,38 @@ def find_checkpoints(ckpt_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def parse_epochs(text: str | None, checkpoints: Mapping[int, Any]) -> list[int]:
-    """A sweep's ``--epochs``: end epochs E from ``'A:B'``, ``'A:B:STEP'`` (inclusive) or ``'E'``, each with a
-    checkpoint in ``checkpoints``; ``None``: every epoch that has one."""
+def parse_epochs(text: str | None, checkpoints) -> list[int]:
+    """A sweep's ``--epochs``: end positions from ``'A:B'``, ``'A:B:STEP'`` (inclusive) or ``'E'``; ``None``: every
+    checkpoint's. ``checkpoints`` is a ``{E: path}`` mapping or a :class:`lawa_trajectory.Trajectory`.
+
+    >>> parse_epochs("4:10:2", find_checkpoints("runs/imagenet"))      # doctest: +SKIP
+    [4, 6, 8, 10]
+
+    Numbers name checkpoints by the number in their names (for a trajectory saved every 500 steps, ``'500:2000'``
+    is 500, 1000, 1500, 2000: STEP defaults to the run's interval). Every end named must have a checkpoint.
+    """
+    from lawa_trajectory import Trajectory
+
+    positions = list(checkpoints.positions) if isinstance(checkpoints, Trajectory) else sorted(checkpoints)
     if text is None:
-        return sorted(checkpoints)
+        return positions
+    interval = (checkpoints.interval if isinstance(checkpoints, Trajectory) else None) or 1
     try:
         parts = [int(p) for p in text.split(":")]
-        ends = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1)) if len(parts) > 1 else parts
+        step = parts[2] if len(parts) == 3 else interval
+        ends = list(range(parts[0], parts[1] + 1, step)) if len(parts) > 1 else parts
     except (ValueError, IndexError):
         raise LawaError(f"--epochs must be 'A:B', 'A:B:STEP' or 'E', got '{text}'") from None
     if not ends or len(parts) > 3:
         raise LawaError(f"--epochs must be 'A:B', 'A:B:STEP' or 'E' with A ≤ B, got '{text}'")
-    missing = [e for e in ends if e not in checkpoints]
+    have = set(positions)
+    missing = [e for e in ends if e not in have]
     if missing:
-        have = f"checkpoint{min(checkpoints)}.pt..checkpoint{max(checkpoints)}.pt"
-        raise LawaError(f"--epochs {text}: no checkpoint{missing[0]}.pt (have {have})")
+        if isinstance(checkpoints, Trajectory):
+            raise LawaError(f"--epochs {text}: no checkpoint at {checkpoints.unit} {missing[0]} "
+                            f"(have {checkpoints.describe()})")
+        span = f"checkpoint{positions[0]}.pt..checkpoint{positions[-1]}.pt" if positions else "none"
+        raise LawaError(f"--epochs {text}: no checkpoint{missing[0]}.pt (have {span})")
     return ends
 
 
@@ -528,7 +504,7 @@ def _plan_cells(
 
 
 def iter_window_averages(
-    checkpoints: Mapping[int, str | os.PathLike],
+    checkpoints,
     ks: Iterable[int],
     ends: Iterable[int] | None = None,
     *,
@@ -540,7 +516,10 @@ def iter_window_averages(
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """Yield ``(E, k, θ_E)`` — the ``method`` average of ``window(E, k)`` — reading each checkpoint once.
 
-    ``checkpoints`` maps epoch → path (``find_checkpoints``). Cells are produced in order of E, then k;
+    ``checkpoints`` maps epoch → path (``find_checkpoints``, or a trajectory's index space
+    ``Trajectory.checkpoints()``), or is a :class:`lawa_trajectory.Trajectory` itself: then ``ends``, ``skip``
+    and the yielded E are positions (the numbers in the names), k counts checkpoints, and a window across a
+    gap is refused. Cells are produced in order of E, then k;
     cells whose window would start before the first checkpoint are skipped, and so are those in ``skip``
     (already done in an earlier run). Only the max(k) latest model states are held (memory-mapped), and
     for each E all windows are built from one prefix sum running back from the newest checkpoint::
@@ -552,6 +531,12 @@ def iter_window_averages(
     ``load(path) -> state`` replaces :func:`load_model_state` (tests count reads with it).
     """
     method_weights(method, 1, alpha)  # validates method and alpha
+    from lawa_trajectory import Trajectory
+
+    if isinstance(checkpoints, Trajectory):
+        yield from _iter_trajectory_windows(checkpoints, ks, ends, method=method, alpha=alpha, trust=trust,
+                                            skip=skip, load=load)
+        return
     ks, ends, cells = _plan_cells(checkpoints, ks, ends)
     skip = set(skip)
     todo: dict[int, list[int]] = collections.defaultdict(list)
@@ -566,8 +551,10 @@ def iter_window_averages(
     held: dict[int, dict[str, torch.Tensor]] = {}
     reference: tuple[str, dict] | None = None
     for epoch in needed:
-        name = str(checkpoints[epoch])
-        state = load(checkpoints[epoch])
+        source = checkpoints[epoch]
+        # A mapping of in-memory states (with load=) is named by its key, not by printing a whole state.
+        name = str(source) if isinstance(source, (str, os.PathLike)) else f"checkpoint {epoch}"
+        state = load(source)
         if reference is None:
             reference = (name, state)
         else:
@@ -580,6 +567,23 @@ def iter_window_averages(
         start = _next_needed_start(todo, epoch)
         for old in [i for i in held if i < start]:
             del held[old]  # no window still to come needs it
+
+
+def _iter_trajectory_windows(run, ks, ends, *, skip, **options):
+    """iter_window_averages on a Trajectory: ends and skip in positions, gaps refused, cells in positions."""
+    ks = sorted(set(int(k) for k in ks))
+    ends = list(run.positions) if ends is None else sorted(set(int(e) for e in ends))
+    for k in ks:
+        if k > len(run):
+            raise LawaError(f"k={k} is larger than the trajectory ({run.describe()})")
+    for e in ends:
+        for k in ks:
+            if k <= run.index(e):
+                run.window(e, k)  # refuses a window across a gap, naming its two sides
+    skip_index = {(run.index(e), k) for e, k in skip if e in run.positions}
+    for end, k, state in iter_window_averages(run.checkpoints(), ks, [run.index(e) for e in ends],
+                                              skip=skip_index, **options):
+        yield run.position(end), k, state
 
 
 def _next_needed_start(todo: Mapping[int, list[int]], epoch: int) -> int:
@@ -662,162 +666,45 @@ def recompute_bn(
 
 
 # --------------------------------------------------------------------------------------------------
-# Tidy results CSV
-# --------------------------------------------------------------------------------------------------
-
-
-def _repair_torn_tail(path: Path) -> None:
-    """Drop a last line left without its newline by a killed writer (single-writer files only)."""
-    with open(path, "rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        f.seek(max(0, size - 65536))
-        tail = f.read()
-        cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
-        f.truncate(cut)
-
-
-def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Append tidy rows (missing columns left empty) to a results/log CSV, creating it with a header.
-
-    Rows go out in one ``write`` and are fsync'd, so a killed run leaves whole lines only (a torn last
-    line from an older writer is removed first).
-    """
-    path = Path(path)
-    if not path.exists():
-        header = (",".join(RESULT_COLUMNS) + "\n").encode()
-        atomic_write(path, lambda f: f.write(header))
-    else:
-        _repair_torn_tail(path)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, restval="", lineterminator="\n")
-    for row in rows:
-        unknown = set(row) - set(RESULT_COLUMNS)
-        if unknown:
-            raise LawaError(f"{path}: unknown column(s) {sorted(unknown)} (schema: {RESULT_COLUMNS})")
-        writer.writerow(row)
-    data = buf.getvalue().encode()
-    if not data:
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_results(path: str | os.PathLike):
-    """Read one tidy CSV into a pandas DataFrame, checking its columns and types.
-
-    A last line without its newline is the torn write of a killed run: it is dropped with a notice.
-    Columns k and epoch become int, value and wall_seconds float (wall_seconds may be empty), seed a
-    nullable Int64. ``df.attrs["source"]`` names the file for later error messages.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise LawaError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LawaError(f"{path}: malformed CSV (not UTF-8 text)") from None
-    if not text.strip():
-        raise LawaError(f"{path}: empty file (expected the header {','.join(RESULT_COLUMNS)})")
-    if not text.endswith("\n") and "\n" in text:
-        text = text[: text.rindex("\n") + 1]
-        print(f"lawa_utils: {path}: dropped a torn last line (the write of a killed run)", file=sys.stderr)
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise LawaError(f"{path}: malformed CSV ({_short(err)})") from None
-    missing = [c for c in RESULT_COLUMNS if c not in df.columns]
-    if missing:
-        raise LawaError(f"{path}: missing column(s) {', '.join(missing)} (a tidy CSV has {','.join(RESULT_COLUMNS)})")
-    df = df.fillna("")  # short rows come back as NaN even with keep_default_na=False
-
-    def require(column, ok, problem):
-        if not ok.all():
-            row = int((~ok).to_numpy().argmax())
-            raise LawaError(f"{path}: line {row + 2}: {column} {df[column].iloc[row]!r} {problem}")
-
-    for column in ("method", "split", "metric"):
-        require(column, df[column].str.strip() != "", "is empty")
-    for column in ("k", "epoch"):
-        numbers = pd.to_numeric(df[column], errors="coerce")
-        require(column, numbers.notna() & (numbers == numbers.round()), "is not an integer")
-        df[column] = numbers.astype("int64")
-    value = pd.to_numeric(df["value"], errors="coerce")
-    require("value", value.notna() | (df["value"].str.lower() == "nan"), "is not a number")
-    df["value"] = value.astype("float64")
-    wall = pd.to_numeric(df["wall_seconds"], errors="coerce")
-    require("wall_seconds", wall.notna() | (df["wall_seconds"] == ""), "is not a number")
-    df["wall_seconds"] = wall.astype("float64")
-    seed = pd.to_numeric(df["seed"], errors="coerce")
-    require("seed", seed.notna() | (df["seed"] == ""), "is not an integer")
-    df["seed"] = seed.astype("Int64")
-    df = df[list(RESULT_COLUMNS)]
-    df.attrs["source"] = str(path)
-    return df
-
-
-def done_cells(
-    path: str | os.PathLike,
-    labels: Iterable[str],
-    splits: Iterable[str],
-    metrics: Iterable[str],
-    optimizer: str,
-    seed: int,
-) -> dict[str, set[tuple[int, int]]]:
-    """For each method label, the (E, k) cells of one trajectory (``optimizer``, ``seed``) complete in the
-    results CSV ``path``: a row for every metric of every split asked for. A sweep killed halfway through a
-    cell left it incomplete, so a rerun redoes it. A missing file has no cells done.
-    """
-    done: dict[str, set[tuple[int, int]]] = {label: set() for label in labels}
-    path = Path(path)
-    if not path.exists():
-        return done
-    rows = read_results(path)
-    mine = (rows["optimizer"].astype(str) == optimizer) & (rows["seed"] == seed).fillna(False)
-    rows = rows[mine & rows["method"].isin(list(done))]
-    need = {(s, m) for s in splits for m in metrics}
-    for (label, end, k), cell in rows.groupby(["method", "epoch", "k"]):
-        if need <= set(zip(cell["split"], cell["metric"], strict=True)):
-            done[label].add((int(end), int(k)))
-    return done
-
-
-def record_run(results: str | os.PathLike, args: argparse.Namespace | Mapping[str, Any]) -> Path:
-    """Append this run's record (``run_info()``: command, versions, git sha, hardware; and its settings,
-    ``args``) to ``RESULTS.args.json`` beside a results CSV, atomically. Returns that file's path.
-
-    The CSV holds the numbers; settings that are not in its columns (batch sizes, data, …) are kept here,
-    one entry per run that computed cells.
-    """
-    results = Path(results)
-    path = results.with_name(results.stem + ".args.json")
-    try:
-        runs = json.loads(path.read_text()) if path.exists() else []
-    except json.JSONDecodeError:
-        raise LawaError(f"{path} is not the JSON list of runs this file holds; move it away") from None
-    if not isinstance(runs, list):
-        raise LawaError(f"{path} is not the JSON list of runs this file holds; move it away")
-    settings = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    runs.append({**run_info(), "args": settings})
-    text = json.dumps(runs, indent=2, default=str) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()), force=True)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def add_average_args(avg: argparse.ArgumentParser) -> None:
+    """The ``average`` command's flags, on ``avg`` (``python -m lawa_utils average`` and ``lawa average``).
+
+    >>> parser = argparse.ArgumentParser(prog="lawa average")
+    >>> add_average_args(parser)
+    >>> args = parser.parse_args(["--dir", "out", "--k", "6", "--out", "lawa"])
+    >>> average_command(args)                                # doctest: +SKIP
+    """
+    src = avg.add_argument_group("inputs: either --dir [--pattern] [--end] --k, or --files")
+    src.add_argument("--dir", type=Path, help="a run directory in any layout LAWA recognises: checkpoint{E}.pt, "
+                     "checkpoint_{E}_{U}.pt, checkpoint-{step}/, step{N}/, epoch={E}-step={S}.ckpt, "
+                     "checkpoint-{E}.pth.tar, model_{E}.pth, numbered DCP directories")
+    src.add_argument("--pattern", help="names of the checkpoints in --dir when no layout fits, e.g. 'ep{E:03d}.pt' "
+                     "({E} epochs, {E0} 0-based epochs, {S} steps, * any text)")
+    src.add_argument("--end", type=int, help="the window's last checkpoint, by the number in its name "
+                     "(default: the newest)")
+    src.add_argument("--k", type=int, help="window size: the k latest checkpoints up to --end")
+    src.add_argument("--files", type=Path, nargs="+", help="explicit checkpoint files or directories; ordered by "
+                     "the numbers in their names when every name carries one, else taken oldest first as given")
+    avg.add_argument("--method", choices=["uni", "exp"], default="uni", help="uniform (LAWA) or exponential")
+    avg.add_argument("--alpha", type=float, default=None,
+                     help=f"exp: weight of the newest checkpoint (default {DEFAULT_ALPHA})")
+    avg.add_argument("--weights", metavar="KEY", help="average only this model-weight entry (e.g. state_dict_ema); "
+                     "default: every entry, each on its own")
+    avg.add_argument("--dtype", choices=sorted(DTYPES), help="cast the output (needed when a window mixes dtypes)")
+    avg.add_argument("--copy-training-state", action="store_true",
+                     help="also copy the newest input's optimizer, scheduler and RNG state")
+    avg.add_argument("--out", type=Path, required=True,
+                     help="output file, or a directory for directory layouts (HF, DCP); the newest input's layout")
+    avg.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    avg.add_argument("--trust-checkpoints", action="store_true",
+                     help="allow arbitrary unpickling (can run code): only for files from a source you trust")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -825,51 +712,88 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     avg = sub.add_parser(
         "average",
-        help="average the k latest checkpoints (E-k+1..E inclusive) or an explicit list of files",
-        description="Average checkpoints into one file that keeps the newest input's format "
-        "(fairseq, pytorch/examples, nanoGPT, plain state dict, safetensors).",
+        help="average the k latest checkpoints of a run, or an explicit list of files",
+        description="Average checkpoints into one output in the newest input's layout (Hugging Face, "
+        "Lightning, timm, torchvision, DCP, fairseq, pytorch/examples, nanoGPT, plain state dict, safetensors).",
     )
-    src = avg.add_argument_group("inputs: either --dir/--end/--k or --files")
-    src.add_argument("--dir", type=Path, help="directory with checkpoint{E}.pt files")
-    src.add_argument("--end", type=int, help="last epoch E of the window")
-    src.add_argument("--k", type=int, help="window size: checkpoint{E-k+1}.pt ... checkpoint{E}.pt")
-    src.add_argument("--files", type=Path, nargs="+", help="explicit checkpoint files, oldest first")
-    avg.add_argument("--method", choices=["uni", "exp"], default="uni", help="uniform (LAWA) or exponential")
-    avg.add_argument("--alpha", type=float, default=None,
-                     help=f"exp: weight of the newest checkpoint (default {DEFAULT_ALPHA})")
-    avg.add_argument("--out", type=Path, required=True, help="output file (.pt, or .safetensors)")
-    avg.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    avg.add_argument(
-        "--trust-checkpoints",
-        action="store_true",
-        help="allow arbitrary unpickling (can run code): only for files from a source you trust",
-    )
+    add_average_args(avg)
     return parser
 
 
-def _average_command(args: argparse.Namespace) -> None:
-    if args.files and (args.dir or args.end is not None or args.k is not None):
-        raise LawaError("give either --files or --dir/--end/--k, not both")
+def _average_inputs(args: argparse.Namespace):
+    """The trajectory and the positions of the checkpoints to average, from --dir/--pattern/--end/--k or --files."""
+    from lawa_trajectory import find_trajectory, trajectory_from_files
+
+    if args.files and (args.dir or args.pattern or args.end is not None or args.k is not None):
+        raise LawaError("give either --files or --dir [--pattern] [--end] --k, not both")
     if args.files:
-        files = list(args.files)
-    else:
-        if args.dir is None or args.end is None or args.k is None:
-            raise LawaError("give --dir, --end and --k (or --files)")
-        ckpts = find_checkpoints(args.dir)
-        if args.end not in ckpts:
-            raise LawaError(f"{args.dir / f'checkpoint{args.end}.pt'} does not exist")
-        if args.end - args.k + 1 < min(ckpts):
-            raise LawaError(
-                f"k={args.k} is larger than the trajectory before epoch {args.end} "
-                f"(window {args.end - args.k + 1}..{args.end}, first file is checkpoint{min(ckpts)}.pt)"
-            )
-        _plan_cells(ckpts, [args.k], [args.end])  # names a checkpoint missing inside the window
-        files = [ckpts[i] for i in window(args.end, args.k)]
-    if args.out.exists() and not args.force:
-        raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
+        run = trajectory_from_files(args.files)
+        if run.sorted_by_name:
+            print(f"ordered by the numbers in their names ({run.unit}s {', '.join(map(str, run.positions))}), "
+                  "not as given")
+        return run, list(run.positions)
+    if args.dir is None:
+        raise LawaError("give --dir RUN --k K (or --files)")
+    if args.k is None:
+        raise LawaError("give --k, the number of checkpoints to average")
+    run = find_trajectory(args.dir, pattern=args.pattern)
+    end = run.positions[-1] if args.end is None else args.end
+    return run, run.window(end, args.k)
+
+
+def average_command(args: argparse.Namespace) -> None:
+    """Run ``average`` from parsed :func:`add_average_args` flags; prints what was averaged, raises LawaError.
+
+    >>> average_command(parser.parse_args(["--dir", "out", "--k", "6", "--out", "lawa"]))   # doctest: +SKIP
+    """
     if args.alpha is not None and args.method != "exp":
         raise LawaError(f"--alpha applies to --method exp, not {args.method}")
+    run, positions = _average_inputs(args)
+    files = [run.path(p) for p in positions]
+    if args.out.exists() and not args.force:
+        raise LawaError(f"{args.out} already exists; pass --force to overwrite it")
     weights = method_weights(args.method, len(files), DEFAULT_ALPHA if args.alpha is None else args.alpha)
+    provenance = {"files": [str(f) for f in files], "weights": weights, "method": args.method,
+                  "layout": run.layout, "unit": run.unit, "positions": positions}
+    try:
+        import lawa_io
+    except ImportError:
+        lawa_io = None
+    if not hasattr(lawa_io, "average_checkpoints"):  # an installation without the streaming container layer
+        lawa_io = None
+    for f, w in zip(files, weights, strict=True):
+        print(f"  {w:.4f}  {f}")
+    if lawa_io is None:
+        fmt = _average_files_in_memory(args, files, weights, provenance)
+        print(f"averaged {len(files)} checkpoints ({args.method}, {fmt} format) -> {args.out}")
+        return
+    readers = []
+    try:
+        for f in files:
+            readers.append(lawa_io.open_checkpoint(f, trust=args.trust_checkpoints))
+        report = lawa_io.average_checkpoints(
+            readers, None if args.method == "uni" else weights, args.out,
+            entries=[args.weights] if args.weights else None, dtype=DTYPES.get(args.dtype), force=args.force,
+            copy_training_state=args.copy_training_state, provenance=provenance,
+        )
+    finally:
+        for reader in readers:
+            reader.close()
+    entries = report.get("entries") if isinstance(report, Mapping) else None
+    what = f", entries {', '.join(map(str, entries))}" if entries else ""
+    print(f"averaged {len(files)} checkpoints ({args.method}, {readers[-1].layout} layout{what}) -> {args.out}")
+
+
+def _average_files_in_memory(args: argparse.Namespace, files: list[Path], weights: list[float],
+                             provenance: dict) -> str:
+    """The averaging path for single-file checkpoints that needs nothing beyond this module."""
+    for flag, given in (("--weights", args.weights), ("--dtype", args.dtype),
+                        ("--copy-training-state", args.copy_training_state)):
+        if given:
+            raise LawaError(f"{flag} needs the lawa_io module, which is not installed")
+    for f in files:
+        if f.is_dir():
+            raise LawaError(f"{f} is a directory; reading directory checkpoints needs the lawa_io module")
     loaded: dict[str, Any] = {}
 
     def states():  # one file at a time: each memory-mapped checkpoint is released before the next
@@ -883,12 +807,9 @@ def _average_command(args: argparse.Namespace) -> None:
     # uni: weights=None sums then divides once, bit-identical to iter_window_averages' cells
     averaged = average_state_dicts(states(), None if args.method == "uni" else weights, names=[str(f) for f in files])
     obj, fmt = loaded["newest"], loaded["fmt"]
-    provenance = {"lawa": {"files": [str(f) for f in files], "weights": weights, "method": args.method}}
-    out_obj = with_model_state(obj, fmt, averaged, **({} if fmt == "plain" else provenance))
-    save_checkpoint(out_obj, args.out, force=args.force)
-    for f, w in zip(files, weights, strict=True):
-        print(f"  {w:.4f}  {f}")
-    print(f"averaged {len(files)} checkpoints ({args.method}, {fmt} format) -> {args.out}")
+    extra = {} if fmt == "plain" else {"lawa": provenance}
+    save_checkpoint(with_model_state(obj, fmt, averaged, **extra), args.out, force=args.force)
+    return fmt
 
 
 def average_main(argv: Sequence[str] | None = None) -> int:
@@ -901,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "average":
-            _average_command(args)
+            average_command(args)
     except LawaError as exc:
         print(f"lawa_utils: error: {exc}", file=sys.stderr)
         return 2

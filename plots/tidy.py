@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lawa_utils, when run as plots/<script>.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lawa_tidy, when run as plots/<script>.py
 
 import pandas as pd
 
-from lawa_utils import RESULT_COLUMNS, LawaError, read_results
+from lawa_tidy import RESULT_COLUMNS, LawaError, read_results
 
 __all__ = [
     "RESULT_COLUMNS", "TidyError", "read_tidy", "split_metric", "available_metrics", "higher_is_better",
@@ -54,7 +54,7 @@ def _source(df: pd.DataFrame) -> str:
 
 
 def read_tidy(path: str | Path) -> pd.DataFrame:
-    """Read one tidy CSV and check its columns and types (``lawa_utils.read_results``).
+    """Read one tidy CSV and check its columns and types (``lawa_tidy.read_results``).
 
         >>> df = read_tidy("runs/imagenet/log.csv")
     """

@@ -165,8 +165,21 @@ class Trajectory:
         """1-based index of the checkpoint at ``position`` (``LawaError`` naming what exists if none)."""
         i = _bisect(self.positions, position)
         if i is None:
-            raise LawaError(f"no checkpoint at {self.unit} {position} in {self._where()} (have {self.describe()})")
+            raise LawaError(f"{self._missing(position)} does not exist in {self._where()} (have {self.describe()})")
         return i + 1
+
+    def _missing(self, position: int) -> str:
+        """How a checkpoint at ``position`` would be named, from the newest one's name, for messages."""
+        if self.positions and self.layout != "lightning":
+            name = self.paths[-1].name
+            digits = str(self.positions[-1])
+            runs = [m for m in re.finditer(r"\d+", name) if int(m.group()) == self.positions[-1]]
+            if len(runs) == 1:
+                m = runs[0]
+                number = str(position).zfill(len(m.group())) if m.group().startswith("0") else str(position)
+                if len(m.group()) == len(digits) or m.group().startswith("0"):
+                    return name[: m.start()] + number + name[m.end() :]
+        return f"the checkpoint at {self.unit} {position}"
 
     def position(self, index: int) -> int:
         """The position of the ``index``-th checkpoint (1-based)."""
@@ -212,10 +225,11 @@ class Trajectory:
         step = self.interval
         for a, b in itertools.pairwise(positions):
             if step is not None and b - a > step:
-                raise LawaError(
-                    f"the window of k={k} ending at {self.name(end)} spans a gap: {self.name(a)} then "
-                    f"{self.name(b)}, {b - a} {self.unit}s apart where the run saves every {_count(step, self.unit)}"
-                )
+                span = (f"the window of k={k} ending at {self.name(end)} would span the gap between "
+                        f"{self.name(a)} and {self.name(b)} (the run saves every {_count(step, self.unit)})")
+                if (b - a) % step == 0:
+                    raise LawaError(f"{self._missing(a + step)} is missing: {span}")
+                raise LawaError(f"{span[0].upper()}{span[1:]}")
         return positions
 
 
@@ -387,7 +401,7 @@ def find_trajectory(directory: str | os.PathLike, *, pattern: str | None = None)
             return find_trajectory(sub)
         forms = ", ".join(_NAME_FORMS.values())
         raise LawaError(
-            f"{root} holds no checkpoints of a layout LAWA knows ({forms}); name yours with --pattern, "
+            f"{root} has no checkpoints in a layout LAWA knows ({forms}); name yours with --pattern, "
             "e.g. --pattern 'ep{E:03d}.pt'"
         )
     if len(by_layout) > 1:

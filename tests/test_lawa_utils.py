@@ -338,7 +338,7 @@ def _bad_inputs(tmp_path):
         return ["--files", d / "checkpoint1.pt"]
 
     return [
-        ("missing file in window", hole, "checkpoint3.pt is missing (window 2..4 needs it)"),
+        ("missing file in window", hole, "checkpoint3.pt is missing: the window of k=3 ending at checkpoint4.pt"),
         ("k larger than trajectory", lambda d: ["--dir", good, "--end", 4, "--k", 9], "k=9 is larger"),
         ("empty dir", lambda d: ["--dir", d, "--end", 2, "--k", 2], "has no checkpoint"),
         ("missing dir", lambda d: ["--dir", d / "nope", "--end", 2, "--k", 2], "does not exist"),

@@ -14,6 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lawa_scheduler import LawaScheduler
+from lawa_tidy import LawaError
 from lawa_utils import average_state_dicts, recompute_bn
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_step_mode_snapshots_multiples_of_n_from_start():
         with torch.no_grad():
             lin.weight.fill_(step)
         if step == 5:
-            with pytest.raises(ValueError, match="no snapshot yet.*step 6"):
+            with pytest.raises(LawaError, match="no snapshot yet.*step 6"):
                 lawa.averaged_state_dict()
         if lawa.step():
             taken.append(step)
@@ -171,17 +172,17 @@ def test_wrong_mode_calls_are_refused():
         {"k": 2, "start": -1},
     ],
 )
-def test_bad_settings_raise_value_error(kwargs):
+def test_bad_settings_raise_lawa_error(kwargs):
     name = [key for key in kwargs if key != "k"] or ["k"]
-    with pytest.raises(ValueError, match=f"{name[0]} must be an integer"):
+    with pytest.raises(LawaError, match=f"{name[0]} must be an integer"):
         LawaScheduler(nn.Linear(1, 1), **kwargs)
 
 
-def test_asking_for_an_average_before_any_snapshot_raises_value_error():
+def test_asking_for_an_average_before_any_snapshot_raises_lawa_error():
     lawa = LawaScheduler(nn.BatchNorm1d(2), k=3, start=2)
     lawa.update()  # epoch 1 < start: no snapshot
     for ask in (lawa.averaged_state_dict, lawa.averaged_model, lambda: lawa.swapped_in().__enter__()):
-        with pytest.raises(ValueError, match="no snapshot yet.*epoch 2"):
+        with pytest.raises(LawaError, match="no snapshot yet.*epoch 2"):
             ask()
 
 
@@ -192,7 +193,7 @@ def test_instances_do_not_share_state():
         a_model.weight.fill_(1.0)
         b_model.weight.fill_(5.0)
     a.update()
-    with pytest.raises(ValueError):
+    with pytest.raises(LawaError):
         b.averaged_state_dict()
     b.update()
     assert a.averaged_state_dict()["weight"].item() == 1.0
@@ -406,36 +407,6 @@ def test_killed_and_resumed_run_gives_bit_identical_averages(tmp_path):
     for a, b in zip(resumed_state["ring"], reference_state["ring"], strict=True):
         _assert_states_equal(a, b)
     _assert_states_equal(resumed_state["sum"], reference_state["sum"])
-    assert "fresh" not in resumed_state  # version 2: one running sum, (k+1)× the model
-
-
-def test_version_1_states_still_load_and_go_on_averaging():
-    """A state saved by version 1 (which also kept a second running sum "fresh") resumes: its ring and sum
-    are taken, "fresh" is ignored, and the averages after more updates equal the post-hoc ones."""
-    lin = nn.Linear(4, 3)
-    lawa = LawaScheduler(lin, k=3)
-    snapshots = []
-    for epoch in range(5):
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.fill_(float(epoch)).add_(torch.arange(p.numel()).view_as(p) / 7)
-        lawa.update()
-        snapshots.append({name: t.clone() for name, t in lin.state_dict().items()})
-    state = lawa.state_dict()
-    v1 = {**state, "version": 1, "ring": [{n: t.clone() for n, t in slot.items()} for slot in state["ring"]],
-          "fresh": {name: torch.zeros_like(t) for name, t in state["sum"].items()}}
-    resumed = LawaScheduler(lin, k=3)
-    resumed.load_state_dict(v1)
-    _assert_states_equal(resumed.averaged_state_dict(), lawa.averaged_state_dict())
-    for epoch in range(5, 9):
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.fill_(-float(epoch))
-        resumed.update()
-        snapshots.append({name: t.clone() for name, t in lin.state_dict().items()})
-        _assert_matches_posthoc(resumed.averaged_state_dict(), snapshots[-3:])
-    with pytest.raises(ValueError, match="state version 3"):
-        LawaScheduler(lin, k=3).load_state_dict({**state, "version": 3})
 
 
 def test_load_state_dict_refuses_other_settings_and_other_models():
@@ -443,16 +414,18 @@ def test_load_state_dict_refuses_other_settings_and_other_models():
     lawa = LawaScheduler(bn, k=3)
     lawa.update()
     state = lawa.state_dict()
-    with pytest.raises(ValueError, match="k=3 but this scheduler has k=4"):
+    with pytest.raises(LawaError, match="k=3 but this scheduler has k=4"):
         LawaScheduler(bn, k=4).load_state_dict(state)
-    with pytest.raises(ValueError, match="every_n_steps"):
+    with pytest.raises(LawaError, match="every_n_steps"):
         LawaScheduler(bn, k=3, every_n_steps=5).load_state_dict(state)
-    with pytest.raises(ValueError, match="weight is \\(2,\\).*model's is \\(3,\\)"):
+    with pytest.raises(LawaError, match="weight is \\(2,\\).*model's is \\(3,\\)"):
         LawaScheduler(nn.BatchNorm1d(3), k=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="tensor names differ"):
+    with pytest.raises(LawaError, match="tensor names differ"):
         LawaScheduler(nn.Linear(2, 2), k=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="not a LawaScheduler state"):
+    with pytest.raises(LawaError, match="not a LawaScheduler state"):
         LawaScheduler(bn, k=3).load_state_dict(bn.state_dict())
+    with pytest.raises(LawaError, match="state version 2"):
+        LawaScheduler(bn, k=3).load_state_dict({**state, "version": 2})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from lawa_io import SAFE_GLOBALS, open_checkpoint
+
 # The tidy CSV and atomic files live in the torch-free lawa_tidy; they stay importable from here.
 from lawa_tidy import (
     RESULT_COLUMNS,
@@ -94,26 +96,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compi
 # --------------------------------------------------------------------------------------------------
 
 
-def _numpy_globals() -> list:
-    """numpy objects that pytorch/examples-style checkpoints carry (RNG states, scalars); all harmless."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a torch dependency here
-        return []
-    found = [np.ndarray, np.dtype]
-    core = getattr(np, "_core", None) or getattr(np, "core", None)
-    for mod in (core.multiarray if core else None,):
-        if mod is not None:
-            found += [getattr(mod, name) for name in ("_reconstruct", "scalar") if hasattr(mod, name)]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        found += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
-    return found
-
-
-# Types that the checkpoint formats we read legitimately contain and that cannot run code when unpickled:
-# fairseq stores its command line as argparse.Namespace; RNG states and metrics can be numpy objects.
-SAFE_GLOBALS: list = [argparse.Namespace, *_numpy_globals()]
+# SAFE_GLOBALS (types that cannot run code when unpickled) is defined in lawa_io beside the safe unpickler.
 
 
 def _unsafe_hint(exc: Exception) -> str:
@@ -243,9 +226,21 @@ def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
             raise LawaError(f"{name}: tensor '{key}' has NaN/Inf values; refusing to average it")
 
 
-def load_model_state(path: str | os.PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
-    """Model tensors only (wrapper prefixes stripped) from any supported checkpoint format."""
-    return split_checkpoint(load_checkpoint(path, trust=trust), name=str(path))[1]
+def load_model_state(
+    path: str | os.PathLike, *, trust: bool = False, entry: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Model tensors only (wrapper prefixes stripped) from any checkpoint file or directory lawa_io reads.
+
+    >>> state = load_model_state("runs/hf/checkpoint-500")                      # doctest: +SKIP
+    >>> ema = load_model_state("checkpoint-7.pth.tar", entry="state_dict_ema")  # doctest: +SKIP
+
+    ``entry`` picks one weights dict of a file that holds several (``lawa_io.CheckpointReader.entries``);
+    the default is the first, the one a training trajectory is made of. Pickles are read without running
+    code from them (``lawa_io.InertUnpickler``) unless ``trust``; tensors are memory-mapped where the
+    container allows.
+    """
+    with open_checkpoint(path, trust=trust) as ckpt:
+        return ckpt.state(entry)
 
 
 # --------------------------------------------------------------------------------------------------

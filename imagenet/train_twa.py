@@ -3,7 +3,7 @@
 A … B, recompute BatchNorm, evaluate, and append the rows to the results CSV beside LAWA's.
 
 TWA (Li et al., ICLR 2023) runs SGD in the linear span of the n = B − A + 1 checkpoints' parameters: the
-gradient is replaced by its projection Pᵀ(P g) onto an orthonormal basis P of them (``lawa_methods``). It
+gradient is replaced by its projection Pᵀ(P g) onto an orthonormal basis P of them (``lawa_twa``). It
 starts from their mean, the SWA point (``--init mean``), or from checkpoint B (``--init last``). Defaults
 are the reference's (lr 2, momentum 0.9, wd 1e-5, the step schedule) with 2 epochs instead of its 10.
 Rows: method ``twa``, k = n, epoch = B, so a TWA cell sits beside the LAWA window of the same checkpoints.
@@ -30,7 +30,7 @@ import common
 import torch
 import torch.nn.functional as F
 
-import lawa_methods as lm
+import lawa_twa as twa
 from lawa_utils import (
     LawaError,
     append_rows,
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (default: 0.9)")
     parser.add_argument("--wd", "--weight-decay", default=1e-5, type=float, metavar="W", dest="weight_decay",
                         help="weight decay, applied inside the subspace (default: 1e-5)")
-    parser.add_argument("--schedule", choices=lm.TWA_SCHEDULES, default="step",
+    parser.add_argument("--schedule", choices=twa.TWA_SCHEDULES, default="step",
                         help="step: ×0.1 at 50%% and 75%% of the epochs; constant; linear: to 0 per iteration")
     parser.add_argument("--init", choices=["mean", "last"], default="mean",
                         help="start from the mean of the checkpoints (the SWA point) or from checkpoint B")
@@ -101,7 +101,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     check_args(args)
     checkpoints = find_checkpoints(args.ckpt_dir)
-    epochs = lm.twa_epochs(checkpoints, args.ckpt_range)
+    epochs = twa.twa_epochs(checkpoints, args.ckpt_range)
     first, last, n = epochs[0], epochs[-1], len(epochs)
     out = args.out or args.ckpt_dir / "results.csv"
     if not out.parent.is_dir():
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
                                  val_subset=args.val_subset, dummy=args.dummy)
     model = common.build_model(args.arch, data.num_classes)
     max_bytes = None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9)
-    sub = lm.build_subspace(model, checkpoints, epochs, rtol=args.basis_rtol, max_bytes=max_bytes,
+    sub = twa.build_subspace(model, checkpoints, epochs, rtol=args.basis_rtol, max_bytes=max_bytes,
                             trust=args.trust_checkpoints)
     subspace = {"epochs": epochs, "dim": sub.dim, "dropped": sub.dropped, "parameters": sub.basis.shape[1]}
     dropped = f", dropped as dependent: {sub.dropped}" if sub.dropped else ""
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
           f"parameters ({sub.basis.numel() * 4 / 1e6:.1f} MB){dropped}", flush=True)
     model.load_state_dict(sub.start_state(args.init))
     model = model.to(device, memory_format=torch.channels_last)
-    projector = lm.TWAProjector(sub.basis.to(device), sub.names, weight_decay=args.weight_decay)
+    projector = twa.TWAProjector(sub.basis.to(device), sub.names, weight_decay=args.weight_decay)
     del sub
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> None:
         raise LawaError(f"{len(data.train)} training images are fewer than one batch of {args.batch_size}")
     # weight decay lives in the projector (it must stay in the subspace), not in the optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=0.0)
-    scheduler = lm.twa_scheduler(optimizer, args.schedule, args.epochs, len(loader))
+    scheduler = twa.twa_scheduler(optimizer, args.schedule, args.epochs, len(loader))
     started = time.perf_counter()
     for epoch in range(args.epochs):
         train_one_epoch(model, loader, optimizer, scheduler, projector, device, epoch, args)

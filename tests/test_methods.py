@@ -1,4 +1,4 @@
-"""lawa_methods: EMA, SWA and EWA sweeps against closed forms; TWA's basis, projection, start point and
+"""lawa_methods: EMA, SWA and EWA sweeps against closed forms; lawa_twa: TWA's basis, projection, start point and
 limits; the imagenet/train_twa.py command end to end on a tiny trajectory."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # lawa_methods is a top-level module beside lawa_utils
 
 import lawa_methods as lm  # noqa: E402
+import lawa_twa as twa  # noqa: E402
 import lawa_utils as lu  # noqa: E402
 
 
@@ -213,7 +214,7 @@ def near_parallel_rows(n: int = 6, dim: int = 3000, step: float = 1e-3) -> torch
 def test_basis_is_orthonormal_and_spans_nearly_parallel_checkpoints(step):
     w = near_parallel_rows(step=step)
     p = w.clone()
-    kept = lm.orthonormalize_rows_(p, distributed=False)
+    kept = twa.orthonormalize_rows_(p, distributed=False)
     assert kept == [True] * 6
     eye = (p.double() @ p.double().T) - torch.eye(6, dtype=torch.float64)
     assert eye.abs().max() < 1e-6
@@ -224,7 +225,7 @@ def test_basis_is_orthonormal_and_spans_nearly_parallel_checkpoints(step):
 def test_linearly_dependent_checkpoints_are_dropped():
     w = near_parallel_rows(4)
     w = torch.stack([w[0], w[1], w[0].clone(), 0.5 * w[0] + 0.5 * w[1], w[3]])
-    kept = lm.orthonormalize_rows_(w, distributed=False)
+    kept = twa.orthonormalize_rows_(w, distributed=False)
     assert kept == [True, True, False, False, True]
     p = w[:3]
     assert ((p.double() @ p.double().T) - torch.eye(3, dtype=torch.float64)).abs().max() < 1e-6
@@ -260,8 +261,8 @@ def tiny_trajectory(tmp_path: Path, n: int = 5) -> dict[int, Path]:
 
 def twa_steps(model, sub, lr: float, steps: int = 4, wd: float = 1e-3):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    projector = lm.TWAProjector(sub.basis, sub.names, weight_decay=wd)
-    scheduler = lm.twa_scheduler(optimizer, "linear", epochs=1, iters_per_epoch=steps)
+    projector = twa.TWAProjector(sub.basis, sub.names, weight_decay=wd)
+    scheduler = twa.twa_scheduler(optimizer, "linear", epochs=1, iters_per_epoch=steps)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -274,13 +275,13 @@ def twa_steps(model, sub, lr: float, steps: int = 4, wd: float = 1e-3):
 
 
 def params_of(model) -> torch.Tensor:
-    return lm.flatten_params({n: p.detach() for n, p in model.named_parameters()}, lm.param_names(model))
+    return twa.flatten_params({n: p.detach() for n, p in model.named_parameters()}, twa.param_names(model))
 
 
 def test_zero_learning_rate_leaves_the_model_at_the_mean_the_swa_point(tmp_path):
     paths = tiny_trajectory(tmp_path)
     model = Tiny()
-    sub = lm.build_subspace(model, paths, lm.twa_epochs(paths, "2:5"))
+    sub = twa.build_subspace(model, paths, twa.twa_epochs(paths, "2:5"))
     assert (sub.epochs, sub.dim, sub.dropped, tuple(sub.basis.shape)) == ([2, 3, 4, 5], 4, [], (4, 91))
     model.load_state_dict(sub.start_state("mean"))
     twa_steps(model, sub, lr=0.0)
@@ -296,19 +297,19 @@ def test_zero_learning_rate_leaves_the_model_at_the_mean_the_swa_point(tmp_path)
 def test_projected_gradient_and_trained_weights_lie_in_the_span(tmp_path):
     paths = tiny_trajectory(tmp_path)
     model = Tiny()
-    sub = lm.build_subspace(model, paths, [1, 2, 3, 4, 5])
+    sub = twa.build_subspace(model, paths, [1, 2, 3, 4, 5])
     model.load_state_dict(sub.start_state("mean"))
     start = params_of(model)
     projector = twa_steps(model, sub, lr=0.5)
     theta_end = params_of(model)
     assert (theta_end - start).norm() > 1e-2  # it trained
-    w = torch.stack([lm.flatten_params(lu.load_model_state(paths[e]), sub.names) for e in range(1, 6)]).double()
+    w = torch.stack([twa.flatten_params(lu.load_model_state(paths[e]), sub.names) for e in range(1, 6)]).double()
 
     def off_span(v: torch.Tensor) -> float:
         coeff = torch.linalg.lstsq(w.T, v.double().unsqueeze(1)).solution
         return float((w.T @ coeff).squeeze(1).sub(v.double()).norm() / v.double().norm())
 
-    grad = lm.flatten_params({n: p.grad for n, p in model.named_parameters()}, sub.names)
+    grad = twa.flatten_params({n: p.grad for n, p in model.named_parameters()}, sub.names)
     assert off_span(grad) < 1e-5
     assert (projector.project(grad) - grad).norm() / grad.norm() < 1e-5  # projecting again changes nothing
     assert off_span(theta_end) < 1e-6
@@ -330,7 +331,7 @@ def test_tied_weights_start_at_the_mean_under_every_name(tmp_path):
             model.embed.weight.add_(1.0)
         paths[e] = tmp_path / f"checkpoint{e}.pt"
         torch.save(model.state_dict(), paths[e])
-    sub = lm.build_subspace(model, paths, [1, 2])
+    sub = twa.build_subspace(model, paths, [1, 2])
     assert sub.names == ["embed.weight"] and sub.tied == {"head.weight": "embed.weight"}
     state = sub.start_state("mean")
     assert state["head.weight"].equal(state["embed.weight"])
@@ -340,11 +341,11 @@ def test_tied_weights_start_at_the_mean_under_every_name(tmp_path):
 
 def test_twa_refuses_too_much_memory_and_ranges_outside_the_trajectory(tmp_path):
     paths = tiny_trajectory(tmp_path)
-    assert lm.twa_memory_bytes(5, 91) == 4 * 5 * 91 + 20 * 91
-    assert lm.default_max_bytes() > 1 << 28
+    assert twa.twa_memory_bytes(5, 91) == 4 * 5 * 91 + 20 * 91
+    assert twa.default_max_bytes() > 1 << 28
     too_big = r"TWA needs 0\.00364 MB per process .*\(5 checkpoints × 91 parameters.* limit is 0\.001 MB"
     with pytest.raises(lu.LawaError, match=too_big):
-        lm.build_subspace(Tiny(), paths, [1, 2, 3, 4, 5], max_bytes=1000)
+        twa.build_subspace(Tiny(), paths, [1, 2, 3, 4, 5], max_bytes=1000)
     for spec, message in [
         ("0:3", r"TWA range 0:3 lies outside the trajectory \(checkpoint1\.pt\.\.checkpoint5\.pt\)"),
         ("4:9", "TWA range 4:9 lies outside the trajectory"),
@@ -352,23 +353,23 @@ def test_twa_refuses_too_much_memory_and_ranges_outside_the_trajectory(tmp_path)
         ("2-4", "TWA range must be 'A:B'"),
     ]:
         with pytest.raises(lu.LawaError, match=message):
-            lm.twa_epochs(paths, spec)
+            twa.twa_epochs(paths, spec)
     del paths[3]
     with pytest.raises(lu.LawaError, match=r"checkpoint3\.pt is missing \(TWA range 1:5 needs it\)"):
-        lm.twa_epochs(paths, "1:5")
+        twa.twa_epochs(paths, "1:5")
     with pytest.raises(lu.LawaError, match="has shape"):
-        lm.build_subspace(torch.nn.Sequential(torch.nn.Linear(5, 8)), {1: paths[1]}, [1], load=lambda p: {
+        twa.build_subspace(torch.nn.Sequential(torch.nn.Linear(5, 8)), {1: paths[1]}, [1], load=lambda p: {
             "0.weight": torch.zeros(8, 4), "0.bias": torch.zeros(8)})
 
 
 def test_twa_schedules_follow_the_reference():
-    step = [lm.twa_lr_factor("step", it, epochs=10, iters_per_epoch=3) for it in range(30)]
+    step = [twa.twa_lr_factor("step", it, epochs=10, iters_per_epoch=3) for it in range(30)]
     assert step == [1.0] * 15 + [pytest.approx(0.1)] * 9 + [pytest.approx(0.01)] * 6  # milestones epochs 5 and 8
-    assert [lm.twa_lr_factor("step", it, 2, 1) for it in range(2)] == [1.0, pytest.approx(0.1)]
-    assert [lm.twa_lr_factor("linear", it, 2, 2) for it in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert lm.twa_lr_factor("constant", 99, 2, 2) == 1.0
+    assert [twa.twa_lr_factor("step", it, 2, 1) for it in range(2)] == [1.0, pytest.approx(0.1)]
+    assert [twa.twa_lr_factor("linear", it, 2, 2) for it in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert twa.twa_lr_factor("constant", 99, 2, 2) == 1.0
     with pytest.raises(lu.LawaError, match="unknown TWA schedule 'cosine'"):
-        lm.twa_lr_factor("cosine", 0, 1, 1)
+        twa.twa_lr_factor("cosine", 0, 1, 1)
 
 
 # ---------------------------------------------------------------- imagenet/train_twa.py
@@ -388,7 +389,7 @@ def test_train_twa_command_writes_rows_and_a_trainer_format_checkpoint(tmp_path,
     out, save = tmp_path / "results.csv", tmp_path / "twa.pt"
     common = ["fashion-mnist", "--ckpt-dir", ckpt_dir, "--image-size", "16", "--train-subset", "64",
               "--val-subset", "32", "-b", "16", "-j", "0", "--train-eval-subset", "32", "--out", out]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}  # PYTHONPATH: lawa_methods at the root
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}  # PYTHONPATH: lawa_twa at the root
     proc = subprocess.run([sys.executable, str(REPO / "imagenet" / "train_twa.py"), *map(str, common), "--range",
                            "2:3", "--epochs", "1", "--bn-batches", "2", "--save", str(save)],
                           capture_output=True, text=True, cwd=REPO, timeout=300, env=env)

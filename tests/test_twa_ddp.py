@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # lawa_methods is a top-level module beside lawa_utils
+sys.path.insert(0, str(REPO))  # lawa_twa is a top-level module beside lawa_utils
 
-import lawa_methods as lm  # noqa: E402
+import lawa_twa as twa  # noqa: E402
 
 WORLD = 2
 TIMEOUT = 180  # seconds for both workers together, rendezvous included
@@ -56,8 +56,8 @@ def run_twa(tmp: Path, rank: int = 0, world: int = 1) -> dict:
     """Build the subspace, project a fixed vector, train STEPS steps; each process sees its share of a batch."""
     paths = {e: tmp / f"checkpoint{e}.pt" for e in EPOCHS}
     model = net()
-    sub = lm.build_subspace(model, paths, EPOCHS, distributed=world > 1)
-    projector = lm.TWAProjector(sub.basis, sub.names, weight_decay=WD, distributed=world > 1)
+    sub = twa.build_subspace(model, paths, EPOCHS, distributed=world > 1)
+    projector = twa.TWAProjector(sub.basis, sub.names, weight_decay=WD, distributed=world > 1)
     vector = torch.randn(sub.basis.shape[1], generator=torch.Generator().manual_seed(7))
     projected = projector.project(vector)
     model.load_state_dict(sub.start_state("mean"))
@@ -71,7 +71,7 @@ def run_twa(tmp: Path, rank: int = 0, world: int = 1) -> dict:
         F.cross_entropy(trained(x), y).backward()  # DDP averages the gradient over the processes
         projector.project_(trained)
         optimizer.step()
-    params = lm.flatten_params({n: p.detach() for n, p in model.named_parameters()}, sub.names)
+    params = twa.flatten_params({n: p.detach() for n, p in model.named_parameters()}, sub.names)
     return {"basis": sub.basis, "dim": sub.dim, "dropped": sub.dropped, "mean": sub.mean,
             "projected": projected, "params": params}
 

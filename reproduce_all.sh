@@ -13,21 +13,27 @@
 #                                              # ImageNet trajectory instead of training one (imagenet job)
 #   BERT_CKPT_DIR=/ckpts/roberta DATA=/data/data-bin/wikitext-103 bash reproduce_all.sh   # same for bert
 #
-# Jobs: set-up → imagenet/ (train + (E,k) sweep), bert/ (train + sweep, then EMA/SWA on its trajectory), the
-# Appendix B/C runs (SGD vs Lookahead vs LAWA, uniform vs exponential, 3 seeds; each SGD run followed by the
-# other averaging methods on its trajectory: EMA, SWA, EWA, TWA) → figures, GPU-hours-saved table, summary.
+# Jobs: set-up → imagenet/ (train + (E,k) sweep) and bert/ (train + sweep, then EMA/SWA on its trajectory),
+# each for every seed of SEEDS, the Appendix B/C runs (SGD vs Lookahead vs LAWA, uniform vs exponential, the
+# same seeds; each SGD run followed by the other averaging methods on its trajectory: EMA, SWA, EWA, TWA) →
+# figures (seed bands), GPU-hours-saved table, the paper's claims judged over the seeds (summary.md/.json).
+# Three seeds are what lets a claim be called held or not held beyond the seed spread (plots/claims.py);
+# to fit them, each embedded run is leaner than a single-seed run would be (the two reproduce_results.sh).
 # Small models gain little from a second thread, and two single-threaded processes use both cores fully:
 # the jobs form one queue served by LANES lanes of one thread each, longest first, so the lane bert leaves
 # free takes the appendix runs while imagenet still trains. Only the figures wait for everything.
 # Output lines carry a [job] prefix. A finished job leaves $OUT/.done-<job> and is skipped on a rerun
-# (FORCE=1 reruns everything; delete one stamp to rerun one job). A time summary is printed at the end.
+# (FORCE=1 reruns everything; delete one stamp to rerun one job). A time summary is printed at the end: wall
+# seconds and CPU seconds (user + sys of the job's processes) per job; on a busy machine the wall time grows
+# and the CPU time much less, so the two together say whether the machine or the work was slow.
 # Hardware: 2 CPU cores, no GPU. Measured: see README ("Time").
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${OUT:-$REPO/out}"                  # everything this job writes goes below this folder
 FORCE="${FORCE:-0}"                      # 1: ignore the stage stamps and rerun every stage
-SEEDS="${SEEDS:-0 1 2}"                  # seeds of the Appendix B/C comparison
+SEEDS="${SEEDS:-0 1 2}"                  # seeds of every embedded run: vision, masked LM, Appendix B/C
+                                         # (paper scale, IMAGENET/WIKITEXT/CKPT_DIR: the first seed only)
 PY="$REPO/.venv/bin/python"              # the interpreter set up by setup.sh
 GPT="${GPT:-0}"                          # 1: also the gpt/ Early-Weight-Averaging stage (+~3.5 min idle, 6 CPU-min)
 METHODS="${METHODS:-1}"                  # 0: skip the other averaging methods (EMA, SWA, EWA, TWA: ~3 min)
@@ -52,7 +58,8 @@ APX_LR="${APX_LR:-0.1}"                  # peak learning rate, cosine to 0. Pilo
 mkdir -p "$OUT"
 RUN_START=$(date +%s)
 
-# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; the stamp holds the job's wall seconds.
+# run_stage NAME COMMAND...: run unless $OUT/.done-NAME exists; the stamp holds the job's wall seconds,
+# $OUT/.cpu-NAME its CPU seconds (bash's `times`: user + sys of the processes it waited for).
 run_stage() {
     local name="$1"; shift
     local stamp="$OUT/.done-$name" start
@@ -60,15 +67,23 @@ run_stage() {
         echo "== $name: already done ($(cat "$stamp") s); FORCE=1 or rm $stamp to rerun"
         return
     fi
-    rm -f "$stamp"
+    rm -f "$stamp" "$OUT/.cpu-$name"
     echo "== $name: started $(date +%H:%M:%S)"
     start=$(date +%s)
-    if ! "$@" 2>&1 | sed -u "s/^/[$name] /"; then   # pipefail: the command's own status
+    # The group runs in its own subshell (a pipeline part), so `times` there counts this job's processes only.
+    if ! { rc=0; "$@" || rc=$?; times > "$OUT/.times-$name"; exit "$rc"; } 2>&1 | sed -u "s/^/[$name] /"; then
+        rm -f "$OUT/.times-$name"
         echo "== $name: FAILED after $(( $(date +%s) - start )) s" >&2
         return 1
     fi
+    cpu_seconds "$OUT/.times-$name" > "$OUT/.cpu-$name" && rm -f "$OUT/.times-$name"
     echo $(( $(date +%s) - start )) > "$stamp"
-    echo "== $name: done in $(cat "$stamp") s"
+    echo "== $name: done in $(cat "$stamp") s wall, $(cat "$OUT/.cpu-$name") s CPU"
+}
+
+# cpu_seconds FILE: user + sys of the children, from the second line of bash's `times` ("1m2.5s 0m3.1s").
+cpu_seconds() {
+    awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); t += p[1] * 60 + p[2] } printf "%d\n", t + 0.5 }' "$1"
 }
 
 # in_lanes: run the queued commands (one per line on stdin, each a function call) LANES at a time.
@@ -120,31 +135,44 @@ methods_run() {
     echo "seed $seed: ema, swa, ewa-s2 and twa rows in $dir/results.csv"
 }
 
-# bert_methods: EMA (d=0.75) and SWA (from epochs 10 and 20) on the masked-LM trajectory, into its results.csv,
-# at the end epochs its LAWA sweep used. Measured 24 + 22 s.
+# bert_methods SEED: EMA (d=0.75) and SWA (from epochs 10 and 20) on one seed's masked-LM trajectory, into its
+# results.csv, at the end epochs its LAWA sweep used (every 4th).
 bert_methods() {
     [ -z "${WIKITEXT:-}${BERT_CKPT_DIR:-}" ] || return 0   # the embedded run only: a paper-scale sweep is the user's call
-    local on=("$OUT/bert/data-bin" --ckpt-dir "$OUT/bert/checkpoints" --out "$OUT/bert/results.csv"
-              --epochs "2:${EPOCHS:-40}:2" --train-batches 8 --batch-size 16)
+    local dir="$OUT/bert/seed$1"
+    local on=("$dir/data-bin" --ckpt-dir "$dir/checkpoints" --out "$dir/results.csv"
+              --epochs "4:${EPOCHS:-40}:4" --train-batches 8 --batch-size 16)
     "$PY" "$REPO/bert/evaluate_lawa.py" "${on[@]}" --method ema,swa --decays 0.75 --swa-starts 10,20 \
-        > "$OUT/bert/methods.out" 2>&1 || { tail -5 "$OUT/bert/methods.out"; return 1; }
-    echo "bert: ema and swa rows in $OUT/bert/results.csv"
+        > "$dir/methods.out" 2>&1 || { tail -5 "$dir/methods.out"; return 1; }
+    echo "bert seed $1: ema and swa rows in $dir/results.csv"
 }
 
+# figures: every figure, the hours-saved table and the claims, from the CSVs below $OUT (torch is not imported).
 figures() {
-    "$PY" "$REPO/plots/make_figures.py" --imagenet "$OUT/imagenet" --bert "$OUT/bert" \
-        --appendix "$OUT/appendix" --appendix-k "$APX_K" --out "$OUT/figures" ${GPUS:+--gpus "$GPUS"}
+    "$PY" "$REPO/plots/make_figures.py" --from "$OUT" --appendix-k "$APX_K" --out "$OUT/figures" \
+        ${GPUS:+--gpus "$GPUS"}
 }
 
 START=$(date +%s); bash "$REPO/setup.sh"   # always: idempotent, seconds when everything is installed
 echo "setup: $(( $(date +%s) - START )) s"
-# The queue, longest jobs first (one lane each, 2026-12-02, README "Time"): imagenet ≈690-770 s, bert + its
-# methods ≈470-510 s, an SGD appendix run with its sweeps and methods ≈240-250 s, a Lookahead run ≈100-115 s.
+# The seeds of the vision and masked-LM runs: all of SEEDS embedded, the first at paper scale or when sweeping
+# a given trajectory (one run there is days of GPU time, and a given trajectory has one seed).
+first_seed() { echo "${SEEDS%% *}"; }
+vision_seeds() { if [ -n "${IMAGENET:-}${CKPT_DIR:-}" ]; then first_seed; else echo "$SEEDS"; fi; }
+bert_seeds() { if [ -n "${WIKITEXT:-}${BERT_CKPT_DIR:-}" ]; then first_seed; else echo "$SEEDS"; fi; }
+# The queue, longest jobs first (one lane each; times: README "Time"): a vision seed, a masked-LM seed with its
+# methods, an SGD appendix run with its sweeps and methods, a Lookahead run.
 queue() {
-    local seed
-    echo "run_stage imagenet env OUT=\"$OUT/imagenet\" CKPT_DIR=\"${CKPT_DIR:-}\" bash \"$REPO/imagenet/reproduce_results.sh\""
-    local bert="run_stage bert env OUT=\"$OUT/bert\" CKPT_DIR=\"${BERT_CKPT_DIR:-}\" bash \"$REPO/bert/reproduce_results.sh\""
-    if [ "$METHODS" = 1 ]; then echo "$bert && run_stage bert-methods bert_methods"; else echo "$bert"; fi
+    local seed bert
+    for seed in $SEEDS; do
+        if [[ " $(vision_seeds) " == *" $seed "* ]]; then
+            echo "run_stage imagenet-s$seed env OUT=\"$OUT/imagenet/seed$seed\" SEED=$seed CKPT_DIR=\"${CKPT_DIR:-}\" bash \"$REPO/imagenet/reproduce_results.sh\""
+        fi
+        if [[ " $(bert_seeds) " == *" $seed "* ]]; then
+            bert="run_stage bert-s$seed env OUT=\"$OUT/bert/seed$seed\" SEED=$seed CKPT_DIR=\"${BERT_CKPT_DIR:-}\" bash \"$REPO/bert/reproduce_results.sh\""
+            if [ "$METHODS" = 1 ]; then echo "$bert && run_stage bert-methods-s$seed bert_methods $seed"; else echo "$bert"; fi
+        fi
+    done
     for seed in $SEEDS; do
         if [ "$METHODS" = 1 ]; then
             echo "run_stage appendix-s$seed-sgd appendix_run $seed sgd && run_stage methods-s$seed methods_run $seed"
@@ -160,11 +188,16 @@ rm -f "$OUT/.done-figures"   # always redrawn (8-25 s): any earlier job may have
 run_stage figures figures
 
 echo
-echo "== wall seconds per job (LANES=$LANES side by side; a job's time includes waiting for the other lane's I/O)"
+echo "== seconds per job: wall and CPU (user + sys); LANES=$LANES side by side, so a job's wall time includes"
+echo "   waiting for the other lane (and for anything else this machine runs); its CPU time does not"
 names="$(queue | grep -o 'run_stage [^ ]*' | cut -d' ' -f2)"   # the jobs queued above, in queue order
 [ "$GPT" != 1 ] || names+=" gpt"
 for name in $names figures; do
-    printf '  %-24s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo -)"
+    printf '  %-24s %6s %6s\n' "$name" "$(cat "$OUT/.done-$name" 2>/dev/null || echo -)" \
+        "$(cat "$OUT/.cpu-$name" 2>/dev/null || echo -)"
 done
-printf '  %-24s %6s   (this invocation, set-up included)\n' total $(( $(date +%s) - RUN_START ))
-echo "results: $OUT (figures and summary in $OUT/figures)"
+times > "$OUT/.times-all"
+printf '  %-24s %6s %6s   (this invocation, set-up included)\n' total $(( $(date +%s) - RUN_START )) \
+    "$(cpu_seconds "$OUT/.times-all")"
+rm -f "$OUT/.times-all"
+echo "results: $OUT (figures, summary.md with the claims, summary.json in $OUT/figures)"

@@ -4,7 +4,9 @@
 
 The arrow is the largest matched gap of ``hours_saved``: at epoch e LAWA has a value the baseline first
 reaches at epoch e'. Where the baseline never reaches LAWA's value within its run, a dashed arrow runs to
-the end of the run, labelled "≥ n" (a lower bound, see plots/hours_saved.py).
+the end of the run, labelled "≥ n" (a lower bound, see plots/hours_saved.py). With several seeds the curves
+are the seeds' mean with a ± one-std band, the arrow is drawn on the mean curves and the words add each
+seed's own gap. k: ``--k``, else the paper's k = 6 of 90 epochs as the same share of this run.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from plots.figstyle import (
     TITLES,
     Skip,
     axis_label,
+    draw_seeds,
     figure_main,
     format_axis,
+    lawa_k,
     line,
     new_figure,
-    plot_curve,
-    results_of,
     runs_with,
     save,
+    seed_table,
+    seeds_note,
 )
-from plots.hours_saved import epochs_text, format_hours, hours_saved_for_run
-from plots.tidy import Inputs, curve, pick_k, run_cli
+from plots.hours_saved import epochs_text, format_hours, hours_saved, hours_saved_for_run
+from plots.tidy import Inputs, higher_is_better, run_cli
 
 STEM = "fig1_averaged_vs_baseline"
 PANELS = [("imagenet", "val_acc1"), ("bert", "val_loss")]
@@ -40,30 +44,36 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
         raise Skip("needs --imagenet (val_acc1) or --bert (val_loss) with baseline and lawa rows")
     fig, axes = new_figure(len(panels))
     for ax, (run, metric) in zip(axes, panels, strict=True):
-        frame = results_of(run, "lawa")
-        k = pick_k(frame, "lawa", inputs.k, default=6)
-        lawa = curve(frame, metric, "lawa", k, seed=inputs.seed)
-        base, _ = run.baseline(metric, seed=inputs.seed)
-        saved, _ = hours_saved_for_run(run, metric, "lawa", k, seed=inputs.seed, gpus=inputs.gpus,
-                                       timing_required=False)
-        plot_curve(ax, base, **line("baseline"))
-        plot_curve(ax, lawa, **line("lawa", f"LAWA k={k}"))
-        _draw_gap(ax, saved)
-        ax.set_title(TITLES.get(run.name, run.name))
+        k = lawa_k(run, inputs.k)
+        lawa_seeds = seed_table(run, metric, "lawa", k, inputs.seed)
+        base_seeds = seed_table(run, metric, "baseline", seed=inputs.seed)
+        higher = higher_is_better(metric)
+        base = draw_seeds(ax, base_seeds, **line("baseline"))
+        lawa = draw_seeds(ax, lawa_seeds, **line("lawa", f"LAWA k={k}"))
+        if lawa_seeds.shape[1] == 1:  # one seed: the gap with its measured wall-clock time
+            saved, _ = hours_saved_for_run(run, metric, "lawa", k, seed=int(lawa_seeds.columns[0]),
+                                           gpus=inputs.gpus, timing_required=False)
+            _draw_gap(ax, saved)
+        else:
+            per_seed = [hours_saved(base_seeds[s], lawa_seeds[s], higher) for s in lawa_seeds.columns
+                        if s in base_seeds.columns]
+            _draw_gap(ax, hours_saved(base, lawa, higher), per_seed)
+        ax.set_title(TITLES.get(run.name, run.name) + seeds_note(lawa_seeds))
         ax.set_ylabel(axis_label(metric, run.name))
         format_axis(ax, metric, list(base) + list(lawa))
-        if not saved.higher_is_better and len(base) > 4:
+        if not higher and len(base) > 4:
             # A loss falls by orders of magnitude in the first epochs; the gap lives near the bottom, so the
             # axis starts at the first quarter of the run instead of epoch 1.
             late = list(base.iloc[len(base) // 4 :]) + list(lawa)
             pad = 0.1 * (max(late) - min(late))
             ax.set_ylim(min(late) - pad, max(late) + pad)
-        ax.legend(loc="lower right" if saved.higher_is_better else "upper right")
+        ax.legend(loc="lower right" if higher else "upper right")
     return save(fig, out, STEM)
 
 
-def _draw_gap(ax, saved) -> None:
-    """Arrow e -> e' at the matched value for the largest matched gap; dashed '≥ n' for a censored one.
+def _draw_gap(ax, saved, per_seed=()) -> None:
+    """Arrow e -> e' at the matched value for the largest matched gap; dashed '≥ n' for a censored one;
+    ``per_seed`` (several seeds' results) adds a line with each seed's own maximum.
 
     The words go next to the legend on the side the curves leave empty (under a rising accuracy, over a
     falling loss), tied to the arrow by a thin line, so they do not sit on the curves.
@@ -90,6 +100,10 @@ def _draw_gap(ax, saved) -> None:
         anchor = anchor or (c.epoch, c.value)
     if not words:
         words.append("LAWA is never ahead of the baseline")
+    if per_seed:
+        gaps = [r.maximum for r in per_seed]
+        each = ", ".join("-" if g is None else g.epochs_text() for g in gaps)
+        words.append(f"(mean curves; per seed: {each} epochs)")
     ax.annotate("\n".join(words), xy=anchor or corner, xycoords="data" if anchor else "axes fraction",
                 xytext=corner, textcoords="axes fraction", ha="right", va=va, color="tab:red", fontsize=8.5,
                 bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},

@@ -3,6 +3,7 @@
     $ python plots/fig2_k_sensitivity.py --imagenet runs/imagenet --bert runs/bert --out figs
 
 A window of size k ending at epoch E averages checkpoints E-k+1 … E, so the curve of size k starts at E = k.
+With several seeds each curve is the seeds' mean with a ± one-std band.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ from plots.figstyle import (
     TITLES,
     Skip,
     axis_label,
+    draw_seeds,
     figure_main,
     format_axis,
     kcolors,
     line,
     new_figure,
-    plot_curve,
     results_of,
     runs_with,
     save,
+    seed_table,
+    seeds_note,
 )
-from plots.tidy import Inputs, curve, run_cli
+from plots.tidy import Inputs, run_cli
 
 STEM = "fig2_k_sensitivity"
 PANELS = [("imagenet", "val_acc1"), ("bert", "val_loss")]
@@ -39,15 +42,13 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
     fig, axes = new_figure(len(panels))
     for ax, (run, metric) in zip(axes, panels, strict=True):
         frame = results_of(run, "lawa")
-        base, _ = run.baseline(metric, seed=inputs.seed)
-        plot_curve(ax, base, **line("baseline", lw=1.3))
+        base = draw_seeds(ax, seed_table(run, metric, seed=inputs.seed), **line("baseline", lw=1.3))
         values = list(base)
         ks = sorted(int(k) for k in frame.loc[frame["method"] == "lawa", "k"].unique())
         for k, color in kcolors(ks).items():
-            lawa = curve(frame, metric, "lawa", k, seed=inputs.seed)
-            plot_curve(ax, lawa, color=color, label=f"LAWA k={k}")
-            values += list(lawa)
-        ax.set_title(TITLES.get(run.name, run.name))
+            table = seed_table(run, metric, "lawa", k, inputs.seed)
+            values += list(draw_seeds(ax, table, color=color, label=f"LAWA k={k}"))
+        ax.set_title(TITLES.get(run.name, run.name) + seeds_note(table))
         ax.set_ylabel(axis_label(metric, run.name))
         format_axis(ax, metric, values)
         ax.legend(loc="best")

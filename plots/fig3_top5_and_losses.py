@@ -4,7 +4,7 @@
 
 Panels: vision val top-5, train loss, val loss; masked-LM train loss (its val loss is in figure 1). A panel
 appears when its baseline rows exist; LAWA is drawn where the sweep evaluated that metric (sweeps often
-evaluate only the validation split).
+evaluate only the validation split). With several seeds: the seeds' mean with a ± one-std band.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ from plots.figstyle import (
     TITLES,
     Skip,
     axis_label,
+    draw_seeds,
     figure_main,
     format_axis,
+    lawa_k,
     line,
     new_figure,
-    plot_curve,
-    results_of,
     runs_with,
     save,
+    seed_table,
+    seeds_note,
 )
-from plots.tidy import Inputs, curve, higher_is_better, pick_k, run_cli
+from plots.tidy import Inputs, higher_is_better, run_cli
 
 STEM = "fig3_top5_and_losses"
 PANELS = [("imagenet", "val_acc5"), ("imagenet", "train_loss"), ("imagenet", "val_loss"),
@@ -44,19 +46,16 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax, (run, metric) in zip(axes, panels, strict=False):
-        base, _ = run.baseline(metric, seed=inputs.seed)
-        plot_curve(ax, base, **line("baseline"))
-        values = list(base)
+        base_seeds = seed_table(run, metric, seed=inputs.seed)
+        values = list(draw_seeds(ax, base_seeds, **line("baseline")))
         if run.has(metric, "lawa"):
-            frame = results_of(run, "lawa")
-            k = pick_k(frame, "lawa", inputs.k, default=6)
-            lawa = curve(frame, metric, "lawa", k, seed=inputs.seed)
-            plot_curve(ax, lawa, **line("lawa", f"LAWA k={k}"))
-            values += list(lawa)
+            k = lawa_k(run, inputs.k)
+            lawa = seed_table(run, metric, "lawa", k, inputs.seed)
+            values += list(draw_seeds(ax, lawa, **line("lawa", f"LAWA k={k}")))
         else:
             ax.annotate("LAWA not evaluated on this split", xy=(0.03, 0.03), xycoords="axes fraction",
                         fontsize=8, color="0.4")
-        ax.set_title(TITLES.get(run.name, run.name))
+        ax.set_title(TITLES.get(run.name, run.name) + seeds_note(base_seeds))
         ax.set_ylabel(axis_label(metric, run.name))
         format_axis(ax, metric, values)
         ax.legend(loc="lower right" if higher_is_better(metric) else "upper right")

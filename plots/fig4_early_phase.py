@@ -5,7 +5,9 @@
 Early in training the weights still move fast, so the average of the last k checkpoints lags behind the
 newest one; the larger k, the longer. The curve is LAWA minus the baseline (both from the sweep when it
 has baseline rows), one line per k; a dot on the zero line marks ``first_crossing``: the first epoch, by
-linear interpolation, at which LAWA goes from worse to at least as good as the baseline.
+linear interpolation, at which LAWA goes from worse to at least as good as the baseline. With several seeds
+the difference is paired (each seed minus its own baseline) and drawn as the seeds' mean ± one std; the dot
+is where that mean crosses zero.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from plots.figstyle import (
     TITLES,
     Skip,
     axis_label,
+    draw_seeds,
     figure_main,
     kcolors,
     new_figure,
-    plot_curve,
     results_of,
     runs_with,
     save,
+    seed_table,
+    seeds_note,
 )
-from plots.tidy import Inputs, curve, higher_is_better, run_cli, split_metric
+from plots.tidy import Inputs, higher_is_better, run_cli, split_metric
 
 STEM = "fig4_early_phase"
 PANELS = [("imagenet", "val_acc1"), ("bert", "val_loss")]
@@ -69,23 +73,24 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
     for ax, (run, metric) in zip(axes, panels, strict=True):
         frame = results_of(run, "lawa")
         higher = higher_is_better(metric)
-        base, _ = run.baseline(metric, seed=inputs.seed)
+        base = seed_table(run, metric, seed=inputs.seed)
         ks = sorted(int(k) for k in frame.loc[frame["method"] == "lawa", "k"].unique())
         ax.axhline(0, color="0.2", lw=1)
         for k, color in kcolors(ks).items():
-            lawa = curve(frame, metric, "lawa", k, seed=inputs.seed)
-            difference = (lawa - base).dropna()
+            lawa = seed_table(run, metric, "lawa", k, inputs.seed)
+            paired = lawa.sub(base.reindex(index=lawa.index, columns=lawa.columns)).dropna()  # per seed
+            difference = paired.mean(axis=1)
             cross = first_crossing(difference, higher)
             first_gain = difference.iloc[0] * (1 if higher else -1) if len(difference) else -1.0
             note = (f"catches up at epoch {cross:.1f}" if cross is not None
                     else "ahead from the start" if first_gain >= 0 else "never catches up")
-            plot_curve(ax, difference, color=color, label=f"k={k}: {note}")
+            draw_seeds(ax, paired, color=color, label=f"k={k}: {note}")
             if cross is not None:
                 ax.plot([cross], [0], "o", color=color, ms=6, mec="black", mew=0.8, zorder=5)
-        ax.set_title(TITLES.get(run.name, run.name))
+        ax.set_title(TITLES.get(run.name, run.name) + seeds_note(base))
         ax.set_ylabel(f"LAWA − baseline\n{axis_label(metric, run.name)}")
         if split_metric(metric)[1].startswith("acc"):  # points, whether stored as fractions or percent
-            ax.yaxis.set_major_formatter(_points(100 if max(base) <= 1 else 1))
+            ax.yaxis.set_major_formatter(_points(100 if float(base.max().max()) <= 1 else 1))
         ax.annotate("LAWA better ↑" if higher else "LAWA better ↓", xy=(0.98, 0.97 if higher else 0.03),
                     xycoords="axes fraction", ha="right", va="top" if higher else "bottom", fontsize=8.5,
                     color="0.3")

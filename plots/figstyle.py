@@ -22,10 +22,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from plots.tidy import Inputs, Run, TidyError, add_input_args, inputs_from_args, split_metric
+from lawa_tidy import atomic_write
+from plots.claims import share_k
+from plots.tidy import Inputs, Run, TidyError, add_input_args, inputs_from_args, pick_k, seed_curves, split_metric
 
 __all__ = ["Skip", "new_figure", "save", "line", "plot_curve", "axis_label", "format_axis", "plot_band",
-           "kcolors", "TITLES", "figure_main", "runs_with", "results_of", "seed_band_figure", "optimizer_of"]
+           "kcolors", "TITLES", "figure_main", "runs_with", "results_of", "seed_band_figure", "optimizer_of",
+           "seed_table", "draw_seeds", "lawa_k", "seeds_note"]
 
 WIDTH_IN = 7.0    # 7 in at 100 dpi = the 700 px of a README column; fonts below are sized for that
 PANEL_HEIGHT_IN = 3.1
@@ -63,11 +66,11 @@ def new_figure(ncols: int, nrows: int = 1, *, height: float | None = None) -> tu
 
 
 def save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    """Write ``out/stem.png`` and ``out/stem.pdf``; return both paths."""
+    """Write ``out/stem.png`` and ``out/stem.pdf``, each whole or not at all; return both paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=DPI)
+        atomic_write(path, lambda f, fmt=path.suffix[1:]: fig.savefig(f, dpi=DPI, format=fmt), force=True)
     return paths
 
 
@@ -199,6 +202,52 @@ def seed_band_figure(inputs: Inputs, stem: str, out: Path, lines, title: str) ->
     n = max(table.shape[1] for _, _, table in curves)
     fig.suptitle(f"{title}: mean ± std over seeds (n={n})")
     return save(fig, out, stem)
+
+
+def seed_table(run: Run, metric: str, method: str = "baseline", k: int | None = None,
+               seed: int | None = None) -> pd.DataFrame:
+    """One curve of every seed side by side (index epoch, a column per seed); only ``seed`` when given.
+
+        >>> seed_table(inputs.imagenet, "val_acc1", "lawa", 2).mean(axis=1)    # the seeds' mean curve
+
+    The baseline comes from ``Run.baseline_seeds`` (the sweep's rows, the log filling skipped epochs).
+    """
+    if method == "baseline":
+        table = run.baseline_seeds(metric)
+    else:
+        table = seed_curves(results_of(run, method), metric, method, k)
+    if seed is not None:
+        if seed not in table.columns:
+            raise TidyError(f"{run.name}: {metric} method={method} has no seed={seed}; available: "
+                            f"{', '.join(map(str, table.columns)) or 'none'}")
+        table = table[[seed]]
+    return table
+
+
+def draw_seeds(ax: Axes, table: pd.DataFrame, **style) -> pd.Series:
+    """One seed: its curve; several: their mean ± one sample std as a band (``plot_band``). Returns the curve."""
+    if table.shape[1] == 1:
+        curve = table.iloc[:, 0].dropna()
+        plot_curve(ax, curve, **style)
+        return curve
+    return plot_band(ax, table, **style)
+
+
+def lawa_k(run: Run, k: int | None) -> int:
+    """The LAWA window a figure shows: ``k`` if given (it must exist), else the paper's share of the run
+    (``plots.claims.share_k``: 6 of 90 epochs, the swept k nearest that share of this run)."""
+    frame = results_of(run, "lawa")
+    if k is not None:
+        return pick_k(frame, "lawa", k, default=k)
+    ks = sorted(int(v) for v in frame.loc[frame["method"] == "lawa", "k"].unique())
+    horizon = max(int(f.loc[f["method"] == "baseline", "epoch"].max()) for f in run.frames()
+                  if (f["method"] == "baseline").any())
+    return share_k(ks, horizon)
+
+
+def seeds_note(table: pd.DataFrame) -> str:
+    """'' for one seed, else ' (mean ± std of n seeds)' for titles."""
+    return "" if table.shape[1] <= 1 else f" (mean ± std of {table.shape[1]} seeds)"
 
 
 def optimizer_of(frame: pd.DataFrame, method: str) -> str | None:

@@ -1,48 +1,61 @@
-"""The numbers behind the figures: GPU time saved, best and final metrics, appendix mean ± std over seeds,
-and the averaging methods' epochs to target (fig7_methods.table).
+"""The numbers behind the figures: the paper's claims judged over seeds, GPU time saved, best and final metrics
+(mean ± std over seeds and each seed), the appendix over seeds, and the averaging methods' epochs to target.
 
     >>> data = summarize(load_inputs("runs/imagenet", "runs/bert", "runs/appendix"))
     >>> Path("figs/summary.md").write_text(to_markdown(data))
 
-Best is the highest accuracy / lowest loss over epochs, final the value at the last epoch. For the appendix
-each seed's best and final are taken first, then mean ± sample std over seeds (final: the last epoch that
-every seed reached).
+Best is the highest accuracy / lowest loss over epochs, final the value at the last epoch, both taken per seed
+first and then as mean ± sample std over seeds (final: the last epoch that every seed reached). The claims
+and their rule: plots/claims.py.
 """
 
 from __future__ import annotations
 
-import pandas as pd
+import statistics
 
 from plots import fig5_lawa_vs_lookahead, fig6_uniform_vs_exp, fig7_methods
-from plots.figstyle import results_of
+from plots.claims import judge_all
+from plots.figstyle import lawa_k, results_of, seed_table
 from plots.hours_saved import hours_saved_for_run
-from plots.tidy import Inputs, Run, curve, higher_is_better, pick_k
+from plots.tidy import Inputs, Run, higher_is_better
 
 __all__ = ["summarize", "to_markdown"]
 
 MAIN_METRIC = {"imagenet": "val_acc1", "bert": "val_loss"}
 
 
-def _best(series: pd.Series, higher: bool) -> tuple[float, int]:
-    epoch = series.idxmax() if higher else series.idxmin()
-    return float(series.loc[epoch]), int(epoch)
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _run_rows(run: Run, metric: str, seed: int | None) -> list[dict]:
+    """Best and final of the baseline and every lawa/exp k, per seed and as mean ± std over seeds."""
     higher = higher_is_better(metric)
-    curves = [("baseline", None, run.baseline(metric, seed=seed)[0])]
+    tables = [("baseline", None, seed_table(run, metric, seed=seed))]
     for method in ("lawa", "exp"):
         if run.has(metric, method):
             frame = results_of(run, method)
             for k in sorted(int(k) for k in frame.loc[frame["method"] == method, "k"].unique()):
-                curves.append((method, k, curve(frame, metric, method, k, seed=seed)))
+                tables.append((method, k, seed_table(run, metric, method, k, seed)))
     rows = []
-    for method, k, series in curves:
-        series = series.dropna()
-        best, best_epoch = _best(series, higher)
-        rows.append({"run": run.name, "metric": metric, "method": method, "k": k, "best": best,
-                     "best_epoch": best_epoch, "final": float(series.iloc[-1]),
-                     "final_epoch": int(series.index[-1])})
+    for method, k, table in tables:
+        complete = table.dropna()
+        if complete.empty:
+            continue
+        per_seed = {}
+        for s in table.columns:
+            series = table[s].dropna()
+            epoch = series.idxmax() if higher else series.idxmin()
+            per_seed[int(s)] = {"best": float(series.loc[epoch]), "best_epoch": int(epoch),
+                                "final": float(complete[s].iloc[-1])}
+        best_mean, best_std = _mean_std([v["best"] for v in per_seed.values()])
+        final_mean, final_std = _mean_std([v["final"] for v in per_seed.values()])
+        rows.append({"run": run.name, "metric": metric, "method": method, "k": k, "seeds": sorted(per_seed),
+                     "n": len(per_seed), "best_mean": best_mean, "best_std": best_std,
+                     "final_epoch": int(complete.index[-1]), "final_mean": final_mean, "final_std": final_std,
+                     "per_seed": {str(s): v for s, v in per_seed.items()}})
     return rows
 
 
@@ -68,17 +81,20 @@ def _appendix_rows(run: Run, metric: str, k: int | None) -> list[dict]:
 
 def summarize(inputs: Inputs) -> dict:
     """Everything ``to_markdown`` prints, as JSON-ready dicts."""
-    data = {"hours_saved": [], "best_final": [], "appendix": [], "methods": None}
+    data = {"claims": [c.to_dict() for c in judge_all(inputs)], "hours_saved": [], "best_final": [],
+            "appendix": [], "methods": None}
     for name, metric in MAIN_METRIC.items():
         run = getattr(inputs, name)
         if run is None or not run.has(metric):
             continue
         if run.has(metric, "lawa"):
-            k = pick_k(results_of(run, "lawa"), "lawa", inputs.k, default=6)
-            result, info = hours_saved_for_run(run, metric, "lawa", k, seed=inputs.seed, gpus=inputs.gpus,
-                                               timing_required=False)
-            record = {k: v for k, v in result.to_dict().items() if k != "per_epoch"}
-            data["hours_saved"].append({"run": name, **info, **record})
+            k = lawa_k(run, inputs.k)
+            seeds = seed_table(run, metric, "lawa", k, inputs.seed).columns
+            for seed in seeds:
+                result, info = hours_saved_for_run(run, metric, "lawa", k, seed=int(seed), gpus=inputs.gpus,
+                                                   timing_required=False)
+                record = {k: v for k, v in result.to_dict().items() if k != "per_epoch"}
+                data["hours_saved"].append({"run": name, **info, **record})
         for other in ("val_acc1", "val_acc5", "val_loss"):
             if run.has(other):
                 data["best_final"] += _run_rows(run, other, inputs.seed)
@@ -137,22 +153,44 @@ def _methods_markdown(m: dict) -> list[str]:
     return out + [""]
 
 
+def _claims_markdown(claims: list[dict]) -> list[str]:
+    out = ["## The paper's claims, judged over seeds (rule: plots/claims.py)", "",
+           "Held: the paired difference d (> 0 is what the paper claims) has the same sign in every seed, or its "
+           "95% t interval excludes 0; not held: the same against the claim; inconclusive: otherwise, one seed, "
+           "or no data.", "", "| claim | verdict | numbers (mean ± std over seeds; per seed) |", "|---|---|---|"]
+    for c in claims:
+        out.append(f"| {c['statement']} | **{c['verdict']}** | {c['why']} |")
+    out.append("")
+    for c in claims:
+        for name, part in c["parts"].items():
+            if part["values"]:
+                each = ", ".join(f"seed {s}: {v:+.4g}" for s, v in part["values"].items())
+                out.append(f"- {c['key']} / {name}: {part['measure']} [{part['unit']}]: {each}")
+    return out + [""]
+
+
 def to_markdown(data: dict) -> str:
-    """Four tables: GPU time saved, best/final per run, appendix mean ± std over seeds, averaging methods."""
+    """The claims, then four tables: GPU time saved, best/final per run, appendix over seeds, averaging methods."""
     out = ["# Summary", ""]
+    if data.get("claims"):
+        out += _claims_markdown(data["claims"])
     if data["hours_saved"]:
         out += ["## GPU time saved (largest horizontal gap, paper definition; see plots/hours_saved.py)", "",
-                "| run | metric | averaged | maximum saved | timing |", "|---|---|---|---|---|"]
-        out += [f"| {h['run']} | {h['metric']} | {h['label']} | {h['headline']} | {h['timing']} |"
-                for h in data["hours_saved"]]
+                "| run | seed | metric | averaged | maximum saved | timing |", "|---|---|---|---|---|---|"]
+        out += [f"| {h['run']} | {'' if h['seed'] is None else h['seed']} | {h['metric']} | {h['label']} | "
+                f"{h['headline']} | {h['timing']} |" for h in data["hours_saved"]]
         out += ["", "'≥' marks a lower bound: the baseline never reached that value within its run.", ""]
     if data["best_final"]:
-        out += ["## Best and final (accuracies in %)", "",
-                "| run | metric | method | k | best (epoch) | final (epoch) |", "|---|---|---|---|---|---|"]
+        out += ["## Best and final: mean ± std over seeds, and each seed (accuracies in %)", "",
+                "| run | metric | method | k | seeds | best | final (epoch) | per seed: best (epoch) / final |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in data["best_final"]:
-            fmt = _formatter(r["metric"], r["best"])
-            out.append(f"| {r['run']} | {r['metric']} | {r['method']} | {r['k'] or ''} | "
-                       f"{fmt(r['best'])} ({r['best_epoch']}) | {fmt(r['final'])} ({r['final_epoch']}) |")
+            fmt = _formatter(r["metric"], r["best_mean"])
+            each = "; ".join(f"{s}: {fmt(v['best'])} ({v['best_epoch']}) / {fmt(v['final'])}"
+                             for s, v in r["per_seed"].items())
+            out.append(f"| {r['run']} | {r['metric']} | {r['method']} | {r['k'] or ''} | {r['n']} | "
+                       f"{_pm(r['best_mean'], r['best_std'], r['metric'])} | "
+                       f"{_pm(r['final_mean'], r['final_std'], r['metric'])} ({r['final_epoch']}) | {each} |")
         out.append("")
     if data["appendix"]:
         out += ["## Appendix B/C runs: mean ± std over seeds (accuracies in %)", "",

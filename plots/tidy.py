@@ -10,7 +10,8 @@ CONTRIBUTING.md). A metric is addressed as ``<split>_<metric>``, e.g. ``val_acc1
 Problems with the input raise ``TidyError`` with a one-line message naming the file; command lines print
 it as ``<prog>: <message>`` and exit 2 (``run_cli``).
 
-``load_inputs`` reads the experiment folders in the layout described in plots/make_figures.py.
+``load_inputs`` reads the experiment folders in the layout described in plots/make_figures.py; every
+log.csv and results.csv below a folder is read, so one folder may hold several seeds (seed{N}/ subfolders).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lawa_tidy import RESULT_COLUMNS, LawaError, read_results
 __all__ = [
     "RESULT_COLUMNS", "TidyError", "read_tidy", "split_metric", "available_metrics", "higher_is_better",
     "curve", "seed_curves", "wall_clock", "pick_k", "Run", "Inputs", "load_run", "load_inputs",
-    "add_input_args", "inputs_from_args", "run_cli",
+    "add_input_args", "inputs_from_args", "run_cli", "folders_from",
 ]
 
 class TidyError(LawaError):
@@ -277,16 +278,39 @@ class Inputs:
     imagenet: Run | None = None
     bert: Run | None = None
     appendix: Run | None = None
-    k: int | None = None            # LAWA window, imagenet/bert (None: the paper's 6, else the nearest k)
+    gpt: Run | None = None          # the high-LR GPT run of gpt/ (its lr-high folder), when that stage ran
+    k: int | None = None            # LAWA window, imagenet/bert (None: the paper's share of the run, 6 of 90)
     appendix_k: int | None = None   # LAWA/EXP window, appendix (None: the paper's 10, else the nearest k)
-    seed: int | None = None         # which seed of imagenet/bert, if they hold several
+    seed: int | None = None         # one seed of imagenet/bert; None: every seed (figures draw seed bands)
     gpus: int = 1                   # GPU-hours = wall-clock hours x gpus
 
 
-def load_inputs(imagenet=None, bert=None, appendix=None, **choices) -> Inputs:
-    """Read the three experiment folders (layout: plots/make_figures.py); absent ones are None."""
-    return Inputs(load_run(imagenet, "imagenet"), load_run(bert, "bert"),
-                  load_run(appendix, "appendix", recursive=True), **choices)
+def load_inputs(imagenet=None, bert=None, appendix=None, gpt=None, **choices) -> Inputs:
+    """Read the experiment folders (layout: plots/make_figures.py), each with every CSV below it; absent: None.
+
+        >>> inputs = load_inputs("runs/imagenet", "runs/bert", "runs/appendix")
+    """
+    return Inputs(load_run(imagenet, "imagenet", recursive=True), load_run(bert, "bert", recursive=True),
+                  load_run(appendix, "appendix", recursive=True), load_run(gpt, "gpt", recursive=True), **choices)
+
+
+def folders_from(root: str | Path) -> dict[str, Path | None]:
+    """The experiment folders below one output folder, as reproduce_all.sh lays them out (absent: None).
+
+        >>> folders_from("docs/results")["imagenet"]
+        PosixPath('docs/results/imagenet')
+
+    ``imagenet/``, ``bert/``, ``appendix/`` and the high-LR run of ``gpt/`` (``gpt/lr-high/``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TidyError(f"--from {root}: no such directory")
+    found = {name: root / name for name in ("imagenet", "bert", "appendix")}
+    found["gpt"] = root / "gpt" / "lr-high"
+    found = {name: path if path.is_dir() else None for name, path in found.items()}
+    if not any(found.values()):
+        raise TidyError(f"--from {root}: none of imagenet/, bert/, appendix/, gpt/lr-high/ is there")
+    return found
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -295,18 +319,28 @@ def add_input_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--bert", metavar="DIR", help="log.csv and/or results.csv of the masked-LM run")
     parser.add_argument("--appendix", metavar="DIR",
                         help="Appendix B/C runs: DIR/**/log.csv and results.csv, e.g. seed0/sgd/log.csv")
+    parser.add_argument("--gpt", metavar="DIR", help="the high-LR run of gpt/ (its lr-high folder)")
+    parser.add_argument("--from", dest="root", metavar="DIR",
+                        help="one output folder of reproduce_all.sh (or docs/results): its imagenet/, bert/, "
+                             "appendix/ and gpt/lr-high/; the flags above override single folders")
     parser.add_argument("--out", metavar="FIGDIR", required=True, help="where PNG and PDF files go")
     parser.add_argument("--k", type=int, help="LAWA window for imagenet/bert (default 6, else the nearest k)")
     parser.add_argument("--appendix-k", type=int,
                         help="LAWA/EXP window, appendix (default 10, else the nearest k)")
-    parser.add_argument("--seed", type=int, help="seed of the imagenet/bert runs, if their CSVs hold several")
+    parser.add_argument("--seed", type=int,
+                        help="one seed of the imagenet/bert runs (default: every seed, drawn as a band)")
     parser.add_argument("--gpus", type=int, default=1, help="GPU-hours = wall-clock hours x GPUS (default 1)")
     return parser
 
 
 def inputs_from_args(args: argparse.Namespace) -> Inputs:
-    return load_inputs(args.imagenet, args.bert, args.appendix, k=args.k, appendix_k=args.appendix_k,
-                       seed=args.seed, gpus=args.gpus)
+    """The folders the flags name (``--from`` first, single flags override), read."""
+    folders = folders_from(args.root) if getattr(args, "root", None) else {}
+    for name in ("imagenet", "bert", "appendix", "gpt"):
+        if getattr(args, name, None):
+            folders[name] = getattr(args, name)
+    return load_inputs(folders.get("imagenet"), folders.get("bert"), folders.get("appendix"), folders.get("gpt"),
+                       k=args.k, appendix_k=args.appendix_k, seed=args.seed, gpus=args.gpus)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], prog: str,

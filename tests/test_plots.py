@@ -353,7 +353,7 @@ def test_make_figures_skips_what_is_missing_and_writes_the_summary(inputs, tmp_p
     summary = json.loads((tmp_path / "summary.json").read_text())
     (bert,) = summary["hours_saved"]
     assert bert["maximum"]["censored"] is True and bert["maximum"]["epochs"] is None
-    assert "| bert | val_loss | lawa k=6 | ≥ " in (tmp_path / "summary.md").read_text()
+    assert "| bert | 0 | val_loss | lawa k=2 | ≥ " in (tmp_path / "summary.md").read_text()   # k: 6/90 of 30
 
 
 def test_summary_reports_mean_and_std_over_the_appendix_seeds(inputs):

@@ -41,13 +41,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import json
+import math
 import os
 import pickle
+import shutil
+import time
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,7 @@ __all__ = [
     "InertUnpickler",
     "Placeholder",
     "TensorRef",
+    "average_checkpoints",
     "inert_loads",
     "open_checkpoint",
 ]
@@ -128,6 +133,10 @@ class Placeholder:
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        # what a placeholder returns (getattr(cls, name), a factory) may itself be called by the pickle
+        return type(self)(*args, **kwargs)
 
     def append(self, item: Any) -> None:
         self.items.append(item)
@@ -589,6 +598,10 @@ class HFReader(CheckpointReader):
                 if self._where.get(key) != name:
                     found = f"it is in {self._where[key]}" if key in self._where else "no shard holds it"
                     raise LawaError(f"{path / self.index_name}: maps '{key}' to {name}, but {found}")
+            unmapped = [k for k in self._where if k not in self.index["weight_map"]]
+            if unmapped:
+                raise LawaError(f"{path / self._where[unmapped[0]]} holds '{unmapped[0]}', which "
+                                f"{self.index_name} does not map")
         self._prefix = _wrapper_prefix(list(self._meta))
 
     @staticmethod
@@ -683,11 +696,675 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     return _open_file(path, trust=trust)
 
 
+def _dcp_globals() -> dict[str, Any]:
+    """The classes a DCP ``.metadata`` pickle legitimately names: DCP's own dataclasses and torch basics."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed = _allowed_globals()
+    for mod, names in ((metadata, ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                   "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING")),
+                       (filesystem, ("_StorageInfo",))):
+        for name in names:
+            if hasattr(mod, name):
+                allowed[f"{mod.__name__}.{name}"] = getattr(mod, name)
+    return allowed
+
+
+def _read_dcp_metadata(path: Path):
+    """A DCP directory's ``.metadata`` (a pickle), read with the inert unpickler: no code from it runs."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+    file = path / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            md = InertUnpickler(f, allowed=_dcp_globals()).load()
+    except Exception as exc:
+        raise LawaError(f"{file} is not a readable DCP metadata file ({_short(exc)})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise LawaError(f"{file} is not DCP metadata (it holds a {type(md).__name__})")
+    for fqn, item in md.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata) and not isinstance(item.properties.dtype, torch.dtype):
+            raise LawaError(f"{file}: '{fqn}' has no torch dtype")
+    if not isinstance(md.storage_meta, StorageMeta):
+        md.storage_meta = StorageMeta()  # as DCP's reader does; a placeholder here would never be used anyway
+    for index, info in (md.storage_data or {}).items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or os.path.isabs(name) or Path(name).name != name or name in ("", ".", ".."):
+            raise LawaError(f"{file}: '{getattr(index, 'fqn', index)}' points outside its directory ({name!r})")
+        if not (path / name).is_file():
+            raise LawaError(f"{path / name} is missing (named in {file})")
+    return md
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """DCP warns on every single-process call that it assumes a single process, which is what we ask for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class DCPReader(CheckpointReader):
-    """A torch.distributed.checkpoint directory (``.metadata`` plus ``*.distcp``)."""
+    """A torch.distributed.checkpoint directory (``.metadata`` plus ``*.distcp``); the model is its ``model.``
+    subtree when the tree has one (FSDP2 / torchtitan stacks keep the optimizer beside it), else every tensor.
+
+    Tensors are read with DCP's own ``FileSystemReader`` (``dcp.load`` of one tensor, no process group); the
+    metadata pickle is read safely (:func:`_read_dcp_metadata`).
+    """
 
     layout = "dcp"
     container = "dcp"
 
     def __init__(self, path: Path) -> None:
-        raise LawaError(f"{path}: DCP directories are not readable yet")
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        self.metadata = _read_dcp_metadata(path)
+        tensors = {fqn: m for fqn, m in self.metadata.state_dict_metadata.items()
+                   if isinstance(m, TensorStorageMetadata)}
+        self.subtree = "model." if any(f.startswith("model.") for f in tensors) else ""
+        self._fqns = [f for f in tensors if f.startswith(self.subtree)]
+        if not self._fqns:
+            raise LawaError(f"{path} is a DCP checkpoint with no tensors")
+        self._meta = {f: (torch.Size(tensors[f].size), tensors[f].properties.dtype) for f in self._fqns}
+        self._prefix = self.subtree + _wrapper_prefix([f[len(self.subtree):] for f in self._fqns])
+        self.others = [f for f in self.metadata.state_dict_metadata if f not in self._meta]
+        metadata = self.metadata
+
+        class _SafeReader(FileSystemReader):
+            def read_metadata(self, *args: Any, **kwargs: Any):
+                return metadata  # never DCP's pickle.load of the file
+
+        self._reader = _SafeReader(str(path))
+
+    def raw_key(self, key: str, entry: str | None = None) -> str:
+        return self._prefix + key
+
+    def meta(self, entry: str | None = None) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        self._entry(entry)
+        cut = len(self._prefix)
+        return {f[cut:]: m for f, m in self._meta.items()}
+
+    def tensor(self, key: str, entry: str | None = None) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
+        self._entry(entry)
+        fqn = self._prefix + key
+        if fqn not in self._meta:
+            raise self._missing(key, entry)
+        shape, dtype = self._meta[fqn]
+        out = {fqn: torch.empty(shape, dtype=dtype)}
+        self._reader.reset()
+        try:
+            with _quiet_dcp():
+                dcp.load(out, storage_reader=self._reader, no_dist=True)
+        except Exception as exc:  # DCP wraps a reader's failure in its own exception types
+            raise LawaError(f"{self.path}: cannot read '{fqn}' ({_short(exc)})") from None
+        return out[fqn]
+
+    def write_average(self, avg: _Averager, tmp: Path, names: Sequence[str], plans, report, copy_training_state):
+        """Write the averaged model as a DCP directory ``tmp`` (on W ranks: each rank its share)."""
+        import torch.distributed.checkpoint as dcp
+
+        plan = plans[MAIN]
+        rank, world = _rank_world()
+        mine = _share(plan, rank, world)
+        state = {self.raw_key(k): avg(MAIN, k) for k in mine}
+        if self.others:
+            report["notes"].append(f"not written: {len(self.others)} entries of {self.path.name} that are not the "
+                                   f"model (e.g. {self.others[0]})")
+        if copy_training_state:
+            report["notes"].append("copy_training_state does not apply to DCP outputs: only the model is written")
+        with _quiet_dcp():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=world == 1)
+        return sum(t.nbytes for t in state.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Averaging, tensor by tensor
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+class _Averager:
+    """Averages one tensor at a time across the readers (oldest first), checking as it goes."""
+
+    def __init__(self, readers: Sequence[CheckpointReader], weights: Sequence[float] | None,
+                 dtype: torch.dtype | None) -> None:
+        self.readers, self.weights, self.dtype = list(readers), weights, dtype
+        self.bytes_read = 0
+        self.tensors = 0
+        self._newest_meta: dict[str, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+
+    def plan(self, entry: str) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """The output's ``{key: (shape, dtype)}`` of an entry, after checking that every input agrees."""
+        newest = self.readers[-1]
+        want = newest.meta(entry)
+        for r in self.readers[:-1]:
+            have = r.meta(entry)
+            if have.keys() != want.keys():
+                extra = sorted(set(have) - set(want))
+                missing = sorted(set(want) - set(have))
+                what = f"'{extra[0]}' is only in {r.path}" if extra else f"'{missing[0]}' is only in {newest.path}"
+                raise LawaError(f"mismatched keys in '{entry}' between {r.path} and {newest.path}: {what}")
+            for key, (shape, dt) in have.items():
+                if shape != want[key][0]:
+                    raise LawaError(f"mismatched shapes for '{key}': {tuple(shape)} in {r.path}, "
+                                    f"{tuple(want[key][0])} in {newest.path}")
+                if dt != want[key][1] and self.dtype is None and (_is_float(dt) or _is_float(want[key][1])):
+                    raise LawaError(f"'{key}' is {str(dt)[6:]} in {r.path} but {str(want[key][1])[6:]} in "
+                                    f"{newest.path}; pass dtype= (--dtype) to cast the window to one dtype")
+        if self.dtype is None:
+            return want
+        return {k: (s, self.dtype if _is_float(d) else d) for k, (s, d) in want.items()}
+
+    def __call__(self, entry: str, key: str) -> torch.Tensor:
+        """The averaged tensor ``key`` of ``entry`` in its output dtype (integers: the newest input's)."""
+        newest = self.readers[-1]
+        if entry not in self._newest_meta:
+            self._newest_meta[entry] = newest.meta(entry)
+        shape, dtype = self._newest_meta[entry][key]
+        if not _is_float(dtype):
+            t = newest.tensor(key, entry)
+            self.bytes_read += t.nbytes
+            return t
+        out_dtype = self.dtype or dtype
+        acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+        acc = torch.zeros(shape, dtype=acc_dtype)
+        for i, reader in enumerate(self.readers):
+            t = reader.tensor(key, entry)
+            self.bytes_read += t.nbytes
+            # bf16/fp16/fp32 add into the float32 sum in place; fp8 has no such kernels and is widened first
+            x = t if t.dtype in (acc_dtype, torch.float16, torch.bfloat16) else t.to(acc_dtype)
+            # one cheap pass; isfinite(x) allocates a full-size temporary, so it only confirms
+            if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
+                raise LawaError(f"{reader.path}: tensor '{key}' has NaN/Inf values; refusing to average it")
+            acc.add_(x, alpha=1.0 if self.weights is None else self.weights[i])
+            del t, x
+        if self.weights is None:
+            acc.div_(len(self.readers))  # sum, then one division: the same bits as lawa_utils' averages
+        self.tensors += 1
+        return acc if acc.dtype == out_dtype else acc.to(out_dtype)
+
+
+def _part_name(path: Path) -> Path:
+    """The temporary beside ``path`` that a writer builds its output under (``.NAME.partPID``)."""
+    return path.with_name(f".{path.name}.part{os.getpid()}")
+
+
+def _remove_stale_parts(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers that were killed (their pid no longer runs)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.part*"):
+        pid = tmp.name.rsplit(".part", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename the finished temporary ``tmp`` to ``out``; an existing ``out`` (force) is swapped out first."""
+    _fsync(tmp)
+    if out.exists() and out.is_dir() and not out.is_symlink():
+        if not force:
+            raise LawaError(f"{out} already exists; pass --force (force=True) to overwrite it")
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    _fsync(out.parent)
+
+
+def _view_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_safetensors(path: Path, keys: Sequence[tuple[str, torch.Size, torch.dtype]],
+                       produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str]) -> int:
+    """Write a safetensors file by streaming: the header (from shapes and dtypes), then each tensor's bytes.
+
+    Only one tensor is in memory at a time. Returns the bytes of tensor data written.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    start = 0
+    for key, shape, dtype in keys:
+        if dtype not in _SAFETENSORS_NAMES:
+            raise LawaError(f"{path}: safetensors cannot store '{key}' of dtype {dtype}")
+        n = shape.numel() * dtype.itemsize
+        header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [start, start + n]}
+        start += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, shape, dtype in keys:
+            t = produce(key)
+            if t.shape != shape or t.dtype != dtype:
+                raise LawaError(f"{path}: '{key}' came out {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            f.write(_view_bytes(t))
+        f.flush()
+        os.fsync(f.fileno())
+    return start
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _archive_prefix(path: Path) -> str:
+    with zipfile.ZipFile(path) as z:
+        first = z.namelist()[0]
+    return first.split("/", 1)[0]
+
+
+def _write_zip(reader: TorchZipReader, path: Path, targets: Mapping[str, Callable[[str], torch.Tensor]],
+               out_dtypes: Mapping[str, Mapping[str, torch.dtype]], extra: Mapping[str, bytes]) -> int:
+    """Write ``reader``'s file again with every record byte for byte, except the storages of the tensors in
+    ``targets`` (tree entry key → ``produce(raw key)``), which get the produced values. Returns bytes written.
+
+    The pickle (``data.pkl``) is the input's, so everything it holds, placeholders included, comes back as it
+    was; a produced tensor must keep its dtype and shape. ``extra`` records are added (provenance).
+    """
+    by_storage: dict[str, list[tuple[TensorRef, str, str]]] = {}
+    for e, _ in targets.items():
+        d = reader._dict(e)
+        for raw, ref in d.items():
+            if isinstance(ref, TensorRef) and _is_float(ref.dtype):
+                want = out_dtypes[e][raw]
+                if want != ref.dtype:
+                    raise LawaError(f"{reader.path} stores '{raw}' as {ref.dtype}; dtype={want} would need its pickle "
+                                    "rewritten: write a .safetensors output, or pass trust=True (--trust-checkpoints)")
+                by_storage.setdefault(ref.key, []).append((ref, e, raw))
+    # a tiny tmp directory holds the file so that the archive keeps the input's name prefix
+    work = path.parent / f"{path.name}.d"
+    work.mkdir()
+    file = work / (_archive_prefix(reader.path) + ".tmp")
+    written = 0
+    try:
+        w = torch._C.PyTorchFileWriter(str(file))
+        version = reader.zip.get_record("version").decode().strip() if reader.zip.has_record("version") else ""
+        if version.isdigit():
+            w.set_min_version(int(version))
+        mapped = torch.UntypedStorage.from_file(str(reader.path), False, reader.path.stat().st_size)
+        for name in reader.zip.get_all_records():
+            if name in ("version", ".data/version", ".data/serialization_id"):
+                continue  # the writer writes these itself
+            size = reader.zip.get_record_size(name)
+            key = name[5:] if name.startswith("data/") else None
+            if key in by_storage:
+                written += _write_storage(w, reader, mapped, name, size, by_storage[key], targets)
+                continue
+            offset = reader.zip.get_record_offset(name)
+            w.write_record(name, mapped[offset : offset + size] if size else b"", size)
+            written += size
+        for name, data in extra.items():
+            w.write_record(name, data, len(data))
+        w.write_end_of_file()
+        del w
+        os.replace(file, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return written
+
+
+def _write_storage(w, reader: TorchZipReader, mapped, name: str, size: int,
+                   tensors: list[tuple[TensorRef, str, str]], targets) -> int:
+    unique: dict[tuple, tuple[TensorRef, str, str]] = {}
+    for ref, e, raw in tensors:  # tied weights share a storage, offset and shape: averaged once
+        unique.setdefault((ref.offset, tuple(ref.shape), ref.stride), (ref, e, raw))
+    if len(unique) == 1:
+        ref, e, raw = next(iter(unique.values()))
+        if ref.offset == 0 and ref.stride == _contiguous_strides(ref.shape) and ref.nbytes == size:
+            t = targets[e](raw).contiguous()  # the common case: one tensor fills its storage
+            w.write_record(name, t.untyped_storage() if size else b"", size)
+            return size
+    base = torch.empty(0, dtype=torch.uint8).set_(mapped, reader.zip.get_record_offset(name), (size,), (1,)).clone()
+    for ref, e, raw in unique.values():
+        typed = base.view(ref.dtype) if size else base
+        typed.as_strided(ref.shape, ref.stride, ref.offset).copy_(targets[e](raw))
+    w.write_record(name, base.untyped_storage() if size else b"", size)
+    return size
+
+
+def _hf_skipped(name: str) -> bool:
+    return name in TRAINING_STATE_FILES or name.startswith(TRAINING_STATE_PREFIXES)
+
+
+def average_checkpoints(
+    readers: Sequence[CheckpointReader],
+    weights: Sequence[float] | None,
+    out: str | os.PathLike,
+    *,
+    entries: Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    copy_training_state: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Average checkpoints (oldest first) into ``out`` in the newest input's layout; returns a report.
+
+    >>> readers = [open_checkpoint(f"run/checkpoint-{s}") for s in (300, 400, 500)]    # doctest: +SKIP
+    >>> report = average_checkpoints(readers, None, "run/lawa-500")      # uniform: θ = (1/k) Σ θ_i
+    >>> report["entries"], report["seconds"]                              # (['model'], 0.8)
+
+    ``weights`` (oldest first; ``None`` = uniform, the sum divided once) multiply the inputs. Every entry
+    is averaged on its own (``entries=[KEY]`` picks some). Tensors stream one at a time: float32 sums
+    (float64 for float64), written back in their own dtype, or in ``dtype`` when given (a window mixing
+    dtypes is refused without it); integer tensors come from the newest input; NaN/Inf is refused.
+
+    Outputs: a torch file keeps the newest input's records byte for byte except the averaged storages; an
+    HF directory gets the same shards and index, the newest's non-weight files (config, tokenizer, …; not
+    its optimizer, scheduler, RNG and trainer state unless ``copy_training_state``); a ``.safetensors`` path
+    gets one entry as a safetensors file; a DCP input gives a DCP directory. Outputs are built under a
+    temporary name beside ``out`` and renamed into place; an existing ``out`` is refused unless ``force``.
+    The report holds ``entries`` (averaged), ``kept`` (weights-like dicts copied from the newest input),
+    ``notes``, ``bytes_read``, ``bytes_written``, ``seconds``.
+    """
+    start = time.perf_counter()
+    rank, world = _rank_world()
+    if world > 1:
+        return _average_on_ranks(readers, weights, Path(out), entries, dtype, force, copy_training_state,
+                                 provenance, rank, world, start)
+    job = _prepare(readers, weights, Path(out), entries, dtype, force, provenance)
+    written = _write_local(job, force, copy_training_state)
+    return job.finish(written, start)
+
+
+@dataclass
+class _Job:
+    """What an average needs once its inputs are checked: the averager, per-entry plans, the report so far."""
+
+    readers: list[CheckpointReader]
+    out: Path
+    names: list[str]
+    plans: dict[str, dict[str, tuple[torch.Size, torch.dtype]]]
+    avg: _Averager
+    report: dict[str, Any]
+    lawa: dict[str, Any]
+
+    @property
+    def newest(self) -> CheckpointReader:
+        return self.readers[-1]
+
+    def fingerprint(self) -> str:
+        """Inputs and every planned tensor's name, shape and dtype: ranks must agree on it before writing."""
+        plans = {e: [(k, list(s), str(d)) for k, (s, d) in p.items()] for e, p in self.plans.items()}
+        return json.dumps([self.report["files"], self.report["weights"], str(self.out), plans], sort_keys=True)
+
+    def finish(self, written: int, start: float) -> dict[str, Any]:
+        self.report.update(bytes_read=self.avg.bytes_read, bytes_written=written, tensors=self.avg.tensors,
+                           seconds=round(time.perf_counter() - start, 3))
+        return self.report
+
+
+def _prepare(readers, weights, out: Path, entries, dtype, force: bool, provenance) -> _Job:
+    readers = list(readers)
+    if not readers:
+        raise LawaError("nothing to average: no checkpoints given")
+    newest = readers[-1]
+    if weights is not None:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(readers):
+            raise LawaError(f"{len(weights)} weights given for {len(readers)} checkpoints")
+        if not all(math.isfinite(w) for w in weights):
+            raise LawaError(f"weights must be finite, got {weights}")
+    if out.exists() and not force:
+        raise LawaError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if not out.parent.is_dir():
+        raise LawaError(f"cannot write {out}: directory {out.parent} does not exist")
+    if any(out.resolve() == r.path.resolve() for r in readers):
+        raise LawaError(f"{out} is one of the inputs; write the average somewhere else")
+    names = list(entries) if entries else newest.entries()
+    for r in readers:
+        for e in names:
+            r._entry(e)  # names the file that lacks it
+    avg = _Averager(readers, weights, dtype)
+    plans = {e: avg.plan(e) for e in names}
+    report: dict[str, Any] = {"out": str(out), "layout": newest.layout, "container": newest.container,
+                              "entries": names, "kept": [], "notes": [], "files": [str(r.path) for r in readers],
+                              "weights": weights or [1.0 / len(readers)] * len(readers)}
+    skipped = [e for e in newest.entries() if e not in names]
+    if skipped:
+        report["kept"] += skipped
+        report["notes"].append(f"not averaged, copied from {newest.path.name}: {', '.join(skipped)}")
+    if isinstance(newest, _TreeReader):
+        others = newest.other_weights()
+        if others:
+            report["kept"] += others
+            report["notes"].append(f"copied from the newest input: {', '.join(others)} (not model weights)")
+    lawa = {"files": report["files"], "weights": report["weights"], "entries": names, **(provenance or {})}
+    return _Job(readers, out, names, plans, avg, report, lawa)
+
+
+def _write_local(job: _Job, force: bool, copy_training_state: bool) -> int:
+    """Write the average in one process, under a temporary beside ``out``, and rename it into place."""
+    newest, out, names, plans, avg, lawa = job.newest, job.out, job.names, job.plans, job.avg, job.lawa
+    _remove_stale_parts(out)
+    tmp = result = _part_name(out)
+    try:
+        if out.name.endswith(".safetensors") or isinstance(newest, SafetensorsReader):
+            written = _average_to_safetensors(newest, out, tmp, names, plans, avg, lawa)
+        elif isinstance(newest, DCPReader):
+            written = newest.write_average(avg, tmp, names, plans, job.report, copy_training_state)
+        elif isinstance(newest, HFReader):
+            tmp.mkdir()
+            written = _average_hf(newest, tmp, plans[MAIN], avg, lawa, job.report, copy_training_state)
+        elif isinstance(newest, TorchZipReader):
+            targets = {newest._key_of(e): (lambda raw, e=e: avg(e, raw[len(newest._prefix[newest._key_of(e)]):]))
+                       for e in names}
+            out_dtypes = {newest._key_of(e): {newest.raw_key(k, e): d for k, (_, d) in plans[e].items()} for e in names}
+            tmp.mkdir()  # the file is built inside, under the name that gives its archive the input's prefix
+            result = tmp / "out"
+            written = _write_zip(newest, result, targets, out_dtypes, {".data/lawa.json": json.dumps(lawa).encode()})
+        else:
+            written = _average_object(newest, tmp, names, avg, lawa)
+        _publish(result, out, force=force)
+    finally:
+        _remove(tmp)
+    return written
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size under an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(plan: Mapping[str, tuple[torch.Size, torch.dtype]], rank: int, world: int) -> list[str]:
+    """The keys rank ``rank`` of ``world`` averages: largest first to the least-loaded rank (same on every rank)."""
+    load = [0] * world
+    owner: dict[str, int] = {}
+    for key in sorted(plan, key=lambda k: (-plan[k][0].numel() * plan[k][1].itemsize, k)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[key] = r
+        load[r] += plan[key][0].numel() * plan[key][1].itemsize
+    return [k for k in plan if owner[k] == rank]
+
+
+def _agree(error: str | None, what: str, world: int) -> None:
+    """Every rank calls this: if any rank failed (``error``) or the ranks' ``what`` differ, all raise."""
+    import torch.distributed as dist
+
+    seen: list[Any] = [None] * world
+    dist.all_gather_object(seen, (error, what))
+    failed = [(r, e) for r, (e, _) in enumerate(seen) if e]
+    if failed:
+        rank, message = failed[0]
+        raise LawaError(message if len(failed) == world else f"rank {rank}: {message}")
+    if len({w for _, w in seen}) > 1:
+        odd = next(r for r, (_, w) in enumerate(seen) if w != seen[0][1])
+        raise LawaError(f"ranks disagree on the inputs' layout (rank {odd} sees other files, tensors, shapes or "
+                        "dtypes than rank 0); nothing was written")
+
+
+def _average_on_ranks(readers, weights, out: Path, entries, dtype, force, copy_training_state, provenance,
+                      rank: int, world: int, start: float) -> dict[str, Any]:
+    """``average_checkpoints`` under torch.distributed: a DCP input is averaged by every rank, each its share of
+    the tensors straight from the files, into one DCP output that rank 0 publishes after a barrier; any other
+    container is written by rank 0 alone. Fails closed: if any rank fails or sees a different layout, every
+    rank raises and nothing is published."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    job, error = None, None
+    try:
+        job = _prepare(readers, weights, out, entries, dtype, force, provenance)
+    except LawaError as exc:
+        error = str(exc)
+    _agree(error, job.fingerprint() if job else "", world)
+    if not isinstance(job.newest, DCPReader) or out.name.endswith(".safetensors"):
+        result: list[Any] = [None, 0]
+        if rank == 0:
+            try:
+                result = [None, _write_local(job, force, copy_training_state)]
+            except LawaError as exc:
+                result = [str(exc), 0]
+        dist.broadcast_object_list(result, src=0)
+        if result[0]:
+            raise LawaError(result[0])
+        job.report["notes"].append(f"written by rank 0 of {world}")
+        return job.finish(result[1], start)
+    names = [None]
+    if rank == 0:
+        _remove_stale_parts(out)
+        names = [str(_part_name(out))]
+    dist.broadcast_object_list(names, src=0)
+    tmp = Path(names[0])
+    state, error = {}, None
+    try:
+        newest = job.newest
+        state = {newest.raw_key(k): job.avg(MAIN, k) for k in _share(job.plans[MAIN], rank, world)}
+    except LawaError as exc:
+        error = str(exc)
+    _agree(error, "", world)
+    error = None
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
+    except Exception as exc:  # DCP gathers every rank's failure into one exception on each rank
+        error = f"{out}: writing the DCP output failed ({_short(exc)})"
+    dist.barrier()
+    result = [error]
+    if rank == 0:
+        try:
+            if error is None:
+                _publish(tmp, out, force=force)
+        except (LawaError, OSError) as exc:
+            result = [f"{out}: publishing failed ({_short(exc)})"]
+        finally:
+            _remove(tmp)
+    dist.broadcast_object_list(result, src=0)
+    if result[0]:
+        raise LawaError(result[0])
+    if newest.others:
+        job.report["notes"].append(f"not written: {len(newest.others)} entries of {newest.path.name} that are not "
+                                   f"the model (e.g. {newest.others[0]})")
+    job.report.update(rank=rank, world=world)
+    return job.finish(sum(t.nbytes for t in state.values()), start)
+
+
+def _average_to_safetensors(newest, out, tmp, names, plans, avg, lawa) -> int:
+    if len(names) > 1:
+        raise LawaError(f"{out}: a safetensors file holds one weights entry, and {newest.path} has "
+                        f"{', '.join(names)}; choose one (entries=[KEY], --weights KEY)")
+    e = names[0]
+    metadata = dict(getattr(newest, "metadata", None) or {})
+    metadata.setdefault("format", "pt")  # transformers < 4.48.2 refuses a file without it
+    metadata["lawa"] = json.dumps(lawa)
+    keys = [(newest.raw_key(k, e), s, d) for k, (s, d) in plans[e].items()]
+    cut = len(newest.raw_key("", e))
+    return _write_safetensors(tmp, keys, lambda raw: avg(e, raw[cut:]), metadata)
+
+
+def _average_hf(newest: HFReader, tmp: Path, plan, avg, lawa, report, copy_training_state: bool) -> int:
+    written = 0
+    cut = len(newest._prefix)
+    for name, shard in newest.shards.items():
+        if isinstance(shard, SafetensorsReader):
+            keys = [(raw, plan[raw[cut:]][0], plan[raw[cut:]][1]) for raw in shard.raw_keys()]
+            metadata = {**shard.metadata, "format": shard.metadata.get("format", "pt")}
+            written += _write_safetensors(tmp / name, keys, lambda raw: avg(MAIN, raw[cut:]), metadata)
+        else:
+            out_dtypes = {"": {raw: plan[raw[cut:]][1] for raw in shard.tree}}
+            written += _write_zip(shard, tmp / name, {"": lambda raw: avg(MAIN, raw[cut:])}, out_dtypes, {})
+            _fsync(tmp / name)
+    if newest.index is not None:
+        index = dict(newest.index)
+        meta = dict(index.get("metadata") or {})
+        if "total_size" in meta:
+            meta["total_size"] = sum(s.numel() * d.itemsize for s, d in plan.values())
+        index["metadata"] = meta
+        (tmp / newest.index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    copied, left = [], []
+    for p in sorted(newest.path.iterdir()):
+        if p.name in newest.shards or p.name == newest.index_name or p.name in HF_WEIGHT_FILES:
+            continue
+        if p.is_dir() or _hf_skipped(p.name):
+            if not copy_training_state:
+                left.append(p.name)
+                continue
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+        copied.append(p.name)
+    (tmp / "lawa.json").write_text(json.dumps(lawa, indent=2) + "\n")
+    report["copied"] = copied
+    if left:
+        report["notes"].append(f"not copied (training state; copy_training_state=True keeps it): {', '.join(left)}")
+    if "config.json" not in copied:
+        report["notes"].append(f"{newest.path} has no config.json: from_pretrained on the output will need a config")
+    return written
+
+
+def _average_object(newest: TorchObjectReader, tmp: Path, names, avg, lawa) -> int:
+    """Legacy or trusted files: the newest input's object with its entries replaced, saved with torch.save."""
+    tree = newest.tree
+    replaced = {}
+    for e in names:
+        key = newest._key_of(e)
+        replaced[key] = {newest.raw_key(k, e): avg(e, k) for k in newest.meta(e)}
+    if newest.layout == "plain":
+        obj = replaced[""]
+    else:
+        obj = dict(tree)
+        obj.update(replaced)
+        obj["lawa"] = lawa
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp.stat().st_size

@@ -674,7 +674,8 @@ def _evaluate_cells(trajectory, methods, baseline, evaluate, target: Path, ends:
             bar.set_postfix_str(f"{_describe(cell)} {first['split']}_{first['metric']} {first['value']:.4g}")
             bar.update()
     if count:
-        print(f"lawa_sweep: {count} cells in {time.perf_counter() - started:.0f} s -> {target}", file=sys.stderr)
+        print(f"lawa_sweep: {desc}: {count} cells in {time.perf_counter() - started:.2f} s -> {target}",
+              file=sys.stderr)
 
 
 def _print_summary(results, labels: list[str], metric: str | None, optimizer: str, seed: int | None, unit: str):

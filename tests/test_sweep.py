@@ -22,7 +22,7 @@ import lawa_sweep as ls  # noqa: E402
 import lawa_utils as lu  # noqa: E402
 from lawa_trajectory import Trajectory  # noqa: E402
 
-TIMEOUT = 120  # seconds per subprocess: a hung rendezvous fails the test, not the CI run
+TIMEOUT = 240  # seconds per subprocess: a hung rendezvous fails the test, not the CI run
 N = 8  # checkpoints in the tiny run
 
 
@@ -132,6 +132,68 @@ def test_step_indexed_run_records_steps_and_refuses_windows_across_a_gap(tmp_pat
         ls.plan_cells(traj, [ls.Lawa((2,))], ends=[600])
 
 
+def test_each_block_of_ends_reads_only_the_checkpoints_its_windows_need(tmp_path):
+    run = write_run(tmp_path / "run")
+    methods = [ls.Lawa((2, 3))]
+    blocks = ls.shard_ends(ls.plan_cells(run, methods), 2)
+    assert blocks == [[1, 2, 3, 4], [5, 6, 7, 8]]  # 9 cells and 12: end 5's cells are 10..12 of 21, centred on 10.5
+    for r, block in enumerate(blocks):
+        reads: list[str] = []
+
+        def load(path, reads=reads):
+            reads.append(Path(path).name)
+            return lu.load_model_state(path)
+
+        ls.sweep(run, methods, lambda s, c: {"val_sum": weight_sum(s)}, tmp_path / f"r{r}.csv", ends=block, load=load,
+                 distributed=False)
+        first = max(1, block[0] - 2)  # the k=3 window of the block's first end
+        assert reads == [f"checkpoint{e}.pt" for e in range(first, block[-1] + 1)]
+
+
+BN_EVAL = """
+import torch
+MODEL = torch.nn.BatchNorm1d(3)
+def loader():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 3, generator=g) * 2 + 5 for _ in range(4)]
+@torch.no_grad()
+def evaluate(state, recompute_bn):
+    MODEL.load_state_dict(state)
+    recompute_bn(MODEL)
+    return {"val_mean": float(MODEL.running_mean.double().sum()), "val_weight": float(MODEL.weight.double().sum())}
+"""
+
+
+def test_bn_loader_recomputes_statistics_on_averaged_cells_only(tmp_path, capsys):
+    import lawa_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for e in range(1, 5):
+        bn = torch.nn.BatchNorm1d(3)
+        with torch.no_grad():
+            bn.weight.fill_(float(e))
+            bn.running_mean.fill_(float(e))
+        torch.save(bn.state_dict(), run / f"checkpoint{e}.pt")
+    (tmp_path / "bn_eval.py").write_text(BN_EVAL)
+    out = tmp_path / "results.csv"
+    code = lawa_cli.main(["sweep", "--dir", str(run), "--eval", f"{tmp_path / 'bn_eval.py'}:evaluate",
+                          "--bn-loader", f"{tmp_path / 'bn_eval.py'}:loader", "--bn-batches", "2", "--ks", "2",
+                          "--out", str(out)])
+    assert code == 0
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, generator=g) * 2 + 5 for _ in range(2)]  # the first 2 of the loader's 4
+    data_mean = float(torch.cat(batches).double().mean(0).sum())
+    df = lu.read_results(out)
+    for row in df.itertuples():
+        if row.metric == "mean":  # baseline: the checkpoint's own statistics; averaged: recomputed over the batches
+            want = 3.0 * row.epoch if row.method == "baseline" else data_mean
+            assert row.value == pytest.approx(want, rel=1e-5)
+        else:
+            assert row.value == pytest.approx(3.0 * (row.epoch - (row.k - 1) / 2), rel=1e-6)
+    assert set(zip(df["method"], df["k"], strict=True)) == {("baseline", 1), ("lawa", 2)}
+
+
 # ---------------------------------------------------------------- the console command, kills, ranks
 
 EVAL_FILE = '''
@@ -184,6 +246,24 @@ def torchrun(*args: str, ok: bool = True, **env: str) -> subprocess.CompletedPro
                ok=ok, **env)
 
 
+def slurm(*args: str) -> None:
+    """Two ranks as ``srun --ntasks 2`` starts them: SLURM's variables and MASTER_ADDR/MASTER_PORT, no torchrun."""
+    port = str(free_port())
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    procs = [subprocess.Popen([sys.executable, "-m", "lawa_cli", *args], env={**env, "SLURM_PROCID": str(r),
+                              "SLURM_LOCALID": str(r)}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"SLURM-style ranks timed out after {TIMEOUT} s")
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+
 def cells(path: Path) -> pd.DataFrame:
     df = lu.read_results(path)
     return df.sort_values(["method", "epoch", "k", "split", "metric"]).reset_index(drop=True)
@@ -206,7 +286,7 @@ def cli_run(tmp_path_factory):
     return root, out, done
 
 
-def test_lawa_sweep_console_command_with_an_eval_file(cli_run):
+def test_lawa_sweep_console_command_with_an_eval_file(cli_run, capsys):
     root, out, done = cli_run
     df = cells(out)
     # baseline 8 + lawa (7 + 6) + ema 8 + swa (s=2: E=2..8) 7
@@ -216,8 +296,10 @@ def test_lawa_sweep_console_command_with_an_eval_file(cli_run):
         assert row.value == pytest.approx(expected(closed_form(label, row.epoch, row.k)), rel=1e-6, abs=1e-5)
     assert "val_sum by end epoch" in done.stdout
     assert (root / "reference.args.json").is_file()
-    bad = lawa("sweep", "--dir", str(root / "run"), "--eval", "no_such_module:fn", ok=False)
-    assert bad.returncode == 2 and bad.stderr.startswith("lawa sweep: error: --eval no_such_module:fn")
+    import lawa_cli
+
+    assert lawa_cli.main(["sweep", "--dir", str(root / "run"), "--eval", "no_such_module:fn"]) == 2
+    assert capsys.readouterr().err.startswith("lawa sweep: error: --eval no_such_module:fn: cannot import")
 
 
 def test_resume_after_kill_9_computes_only_the_missing_cells(cli_run, tmp_path):
@@ -232,7 +314,7 @@ def test_resume_after_kill_9_computes_only_the_missing_cells(cli_run, tmp_path):
     assert_once_and_equal(out, cells(reference))
 
 
-def test_two_gloo_ranks_equal_one_process_and_survive_a_killed_rank(cli_run, tmp_path):
+def test_two_gloo_ranks_equal_one_process_and_a_rerun_after_a_killed_rank_completes_it(cli_run, tmp_path):
     root, reference, _ = cli_run
     args = [*SWEEP, "--dir", str(root / "run"), "--eval", f"{root / 'my_eval.py'}:evaluate"]
     sharded = tmp_path / "sharded.csv"
@@ -240,11 +322,12 @@ def test_two_gloo_ranks_equal_one_process_and_survive_a_killed_rank(cli_run, tmp
     assert_once_and_equal(sharded, cells(reference))
     assert not list(tmp_path.glob("sharded.csv.part*"))
     # 36 cells; ends 1..4 hold 16 of them, 5..8 20: contiguous blocks cannot split them more evenly
-    assert "16 cells" in done.stderr and "20 cells" in done.stderr
+    assert "(rank 0 of 2): 16 cells" in done.stderr and "(rank 1 of 2): 20 cells" in done.stderr
 
     out = tmp_path / "killed.csv"
     killed = torchrun(*args, "--out", str(out), ok=False, KILL_AT="5", KILL_RANK="1")
     assert killed.returncode != 0
     assert list(tmp_path.glob("killed.csv.part*"))  # the cells finished before the kill are kept
-    torchrun(*args, "--out", str(out))
+    slurm(*args, "--out", str(out))  # the rerun starts as srun would: SLURM variables, no torchrun
     assert_once_and_equal(out, cells(reference))
+    assert not list(tmp_path.glob("killed.csv.part*"))

@@ -805,6 +805,8 @@ def average_command(args: argparse.Namespace) -> None:
 
     >>> average_command(parser.parse_args(["--dir", "out", "--k", "6", "--out", "lawa"]))   # doctest: +SKIP
     """
+    import lawa_io  # the containers (files and directories of every layout), read tensor by tensor
+
     if args.alpha is not None and args.method != "exp":
         raise LawaError(f"--alpha applies to --method exp, not {args.method}")
     run, positions = _average_inputs(args)
@@ -814,18 +816,6 @@ def average_command(args: argparse.Namespace) -> None:
     weights = method_weights(args.method, len(files), DEFAULT_ALPHA if args.alpha is None else args.alpha)
     provenance = {"files": [str(f) for f in files], "weights": weights, "method": args.method,
                   "layout": run.layout, "unit": run.unit, "positions": positions}
-    try:
-        import lawa_io
-    except ImportError:
-        lawa_io = None
-    if not hasattr(lawa_io, "average_checkpoints"):  # an installation without the streaming container layer
-        lawa_io = None
-    for f, w in zip(files, weights, strict=True):
-        print(f"  {w:.4f}  {f}")
-    if lawa_io is None:
-        fmt = _average_files_in_memory(args, files, weights, provenance)
-        print(f"averaged {len(files)} checkpoints ({args.method}, {fmt} format) -> {args.out}")
-        return
     readers = []
     try:
         for f in files:
@@ -838,37 +828,19 @@ def average_command(args: argparse.Namespace) -> None:
     finally:
         for reader in readers:
             reader.close()
-    entries = report.get("entries") if isinstance(report, Mapping) else None
-    what = f", entries {', '.join(map(str, entries))}" if entries else ""
-    print(f"averaged {len(files)} checkpoints ({args.method}, {readers[-1].layout} layout{what}) -> {args.out}")
+    entries = ", ".join(map(str, report.get("entries") or []))
+    _print_averaged(run, positions, weights, f"{args.method}, {readers[-1].layout} layout; entries averaged: "
+                    f"{entries or 'none'}", args.out)
+    for note in report.get("notes") or []:
+        print(f"note: {note}")
 
 
-def _average_files_in_memory(args: argparse.Namespace, files: list[Path], weights: list[float],
-                             provenance: dict) -> str:
-    """The averaging path for single-file checkpoints that needs nothing beyond this module."""
-    for flag, given in (("--weights", args.weights), ("--dtype", args.dtype),
-                        ("--copy-training-state", args.copy_training_state)):
-        if given:
-            raise LawaError(f"{flag} needs the lawa_io module, which is not installed")
-    for f in files:
-        if f.is_dir():
-            raise LawaError(f"{f} is a directory; reading directory checkpoints needs the lawa_io module")
-    loaded: dict[str, Any] = {}
-
-    def states():  # one file at a time: each memory-mapped checkpoint is released before the next
-        for f in files:
-            obj = load_checkpoint(f, trust=args.trust_checkpoints)
-            loaded["fmt"], state = split_checkpoint(obj, name=str(f))
-            check_finite(state, str(f))
-            loaded["newest"] = obj  # the output's template: non-model state from the newest input
-            yield state
-
-    # uni: weights=None sums then divides once, bit-identical to iter_window_averages' cells
-    averaged = average_state_dicts(states(), None if args.method == "uni" else weights, names=[str(f) for f in files])
-    obj, fmt = loaded["newest"], loaded["fmt"]
-    extra = {} if fmt == "plain" else {"lawa": provenance}
-    save_checkpoint(with_model_state(obj, fmt, averaged, **extra), args.out, force=args.force)
-    return fmt
+def _print_averaged(run, positions: list[int], weights: list[float], what: str, out: Path) -> None:
+    """What was averaged, printed once it is written: each input with its weight and number, then the output."""
+    for p, w in zip(positions, weights, strict=True):
+        where = "" if run.layout == "files" else f"  ({run.unit} {p})"
+        print(f"  {w:.4f}  {run.path(p)}{where}")
+    print(f"averaged {len(positions)} checkpoints ({what}) -> {out}")
 
 
 def average_main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """lawa_utils: averaging against closed forms, the one-pass sweep, BN recompute, formats, the CLI."""
 
 import argparse
+import json
 import math
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -287,7 +289,9 @@ def test_cli_average_writes_torchvision_loadable_checkpoint(tmp_path):
     model.load_state_dict({k.removeprefix("module."): v for k, v in obj["state_dict"].items()})
     ref = lu.average_state_dicts([lu.load_model_state(paths[i]) for i in (2, 3, 4)])
     assert all(torch.allclose(model.state_dict()[k].float(), v.float()) for k, v in ref.items())
-    assert obj["epoch"] == 4 and obj["lawa"]["method"] == "uni"
+    with zipfile.ZipFile(out) as z:  # provenance rides beside the pickle, which is the newest input's own
+        lawa = json.loads(z.read(next(n for n in z.namelist() if n.endswith(".data/lawa.json"))))
+    assert obj["epoch"] == 4 and lawa["method"] == "uni" and lawa["positions"] == [2, 3, 4]
     exp_out = tmp_path / "exp.safetensors"
     result = run_cli("average", "--files", paths[3], paths[4], "--method", "exp", "--alpha", "0.75", "--out", exp_out)
     assert result.returncode == 0, result.stderr

@@ -458,8 +458,8 @@ def test_files_in_shell_order_are_averaged_in_name_order(torchvision_run, tmp_pa
     assert status == 0, stderr
     assert "ordered by the numbers in their names" in stdout
     lines = [line.split() for line in stdout.splitlines() if line.startswith("  ")]
-    assert [Path(f).name for _, f in lines] == ["model_8.pth", "model_9.pth", "model_10.pth", "model_11.pth"]
-    assert [float(w) for w, _ in lines] == [0.125, 0.125, 0.25, 0.5]  # the newest, model_11, gets alpha
+    assert [Path(f).name for _, f, *_ in lines] == ["model_8.pth", "model_9.pth", "model_10.pth", "model_11.pth"]
+    assert [float(w) for w, *_ in lines] == [0.125, 0.125, 0.25, 0.5]  # the newest, model_11, gets alpha
     ckpt = _vision_load(out)
     inputs = [_vision_load(torchvision_run / f"model_{e}.pth") for e in (8, 9, 10, 11)]
     assert_state_close(ckpt["model"], mean_state([c["model"] for c in inputs], [0.125, 0.125, 0.25, 0.5]), "exp")

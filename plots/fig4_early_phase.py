@@ -94,7 +94,7 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
         ax.annotate("LAWA better ↑" if higher else "LAWA better ↓", xy=(0.98, 0.97 if higher else 0.03),
                     xycoords="axes fraction", ha="right", va="top" if higher else "bottom", fontsize=8.5,
                     color="0.3")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(base.index.name if base.index.name == "step" else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         # Below the panel: the early, most negative part of the curves is what this figure is about.
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1)

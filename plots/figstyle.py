@@ -87,6 +87,8 @@ def plot_curve(ax: Axes, curve: pd.Series, **style) -> None:
     if len(curve) <= SHORT_CURVE:
         style = {"marker": "o", "ms": 3, **style}
     ax.plot(curve.index, curve.to_numpy(), **style)
+    if curve.index.name == "step":  # step-indexed runs (tidy.curve names the index by the rows' unit)
+        ax.set_xlabel("step")
 
 
 def kcolors(ks) -> dict[int, tuple]:
@@ -106,9 +108,9 @@ def axis_label(metric: str, run_name: str = "") -> str:
 
 
 def format_axis(ax: Axes, metric: str, values) -> None:
-    """Integer epochs on x; accuracies as percent (stored as fractions or as percent); losses spanning more
+    """Integer epochs (or steps) on x; accuracies as percent (stored as fractions or as percent); losses spanning more
     than 20× on a log axis."""
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(ax.get_xlabel() or "epoch")  # 'step' when plot_curve drew a step-indexed curve
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if split_metric(metric)[1].startswith("acc"):
         values = np.asarray(values, dtype=float)

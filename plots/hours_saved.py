@@ -44,9 +44,9 @@ from plots.tidy import Run, TidyError, curve, higher_is_better, pick_k, read_tid
 __all__ = ["Gap", "HoursSaved", "hours_saved", "hours_saved_for_run", "epochs_text", "format_hours", "main"]
 
 
-def epochs_text(n: int) -> str:
-    """'1 epoch', '3 epochs', '-2 epochs'."""
-    return f"{n} epoch{'' if abs(n) == 1 else 's'}"
+def epochs_text(n: int, unit: str = "epoch") -> str:
+    """'1 epoch', '3 epochs', '-2 epochs'; '500 steps' with ``unit="step"``."""
+    return f"{n} {unit}{'' if abs(n) == 1 else 's'}"
 
 
 def format_hours(hours: float | None, at_least: bool = False) -> str:
@@ -96,6 +96,7 @@ class HoursSaved:
     label: str                   # the averaged curve's name, e.g. "lawa k=6"
     best_matched: Gap | None     # the largest uncensored gap (earliest epoch on ties)
     first_censored: Gap | None   # the earliest epoch the baseline never matches (largest lower bound)
+    unit: str = "epoch"          # what the curves' positions count: 'epoch', or 'step' for step-indexed runs
 
     @property
     def censored(self) -> bool:
@@ -114,27 +115,29 @@ class HoursSaved:
     def headline(self) -> str:
         """One line: the maximum, where it occurs and the value matched."""
         top = self.maximum
+        unit = self.unit
         if top is None:
-            return "no epochs to compare"
+            return f"no {unit}s to compare"
         if not top.censored:
             bound = "≥ " if self.censored else ""
             hours = "" if top.gpu_hours is None else f" ({format_hours(top.gpu_hours, self.censored)})"
-            text = (f"{bound}{epochs_text(top.epochs)}{hours} at epoch {top.epoch}: {self.label} "
-                    f"{top.value:.4g}; baseline first as good at epoch {top.baseline_epoch} "
+            text = (f"{bound}{epochs_text(top.epochs, unit)}{hours} at {unit} {top.epoch}: {self.label} "
+                    f"{top.value:.4g}; baseline first as good at {unit} {top.baseline_epoch} "
                     f"({top.baseline_value:.4g})")
         else:
             hours = ("" if top.gpu_hours_at_least is None
                      else f" ({format_hours(top.gpu_hours_at_least, True)})")
-            text = (f"≥ {epochs_text(top.epochs_at_least)}{hours} at epoch {top.epoch}: {self.label} "
-                    f"{top.value:.4g}, which the baseline never reaches within its {self.horizon} epochs")
+            text = (f"≥ {epochs_text(top.epochs_at_least, unit)}{hours} at {unit} {top.epoch}: {self.label} "
+                    f"{top.value:.4g}, which the baseline never reaches within its {self.horizon} {unit}s")
         if self.censored and top is self.best_matched:
-            text += (f"; censored from epoch {self.first_censored.epoch} "
+            text += (f"; censored from {unit} {self.first_censored.epoch} "
                      f"(≥ {self.first_censored.epochs_at_least})")
         return text
 
     def table(self) -> str:
         """Every epoch's gap as a fixed-width text table."""
-        rows = [("epoch", self.label, "baseline epoch", "baseline value", "epochs saved", "GPU time saved")]
+        u = self.unit
+        rows = [(u, self.label, f"baseline {u}", "baseline value", f"{u}s saved", "GPU time saved")]
         for g in self.gaps:
             rows.append((str(g.epoch), f"{g.value:.4f}",
                          f"never (≤ {self.horizon})" if g.censored else str(g.baseline_epoch),
@@ -158,7 +161,8 @@ class HoursSaved:
                        "epochs_at_least": epochs if self.censored else None,
                        "gpu_hours": None if self.censored else hours,
                        "gpu_hours_at_least": hours if self.censored else None}
-        return {"label": self.label, "higher_is_better": self.higher_is_better, "horizon": self.horizon,
+        return {"label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better,
+                "horizon": self.horizon,
                 "headline": self.headline(), "maximum": maximum, "best_matched": gap(self.best_matched),
                 "first_censored": gap(self.first_censored), "per_epoch": [gap(g) for g in self.gaps]}
 
@@ -173,7 +177,8 @@ def hours_saved(baseline: pd.Series, averaged: pd.Series, higher_is_better: bool
         >>> hours_saved(base, lawa, True, epoch_hours=0.5, gpus=4).best_matched.epochs   # 0.65 at e=2, e'=3
         1
 
-    Both series are indexed by epoch (1-based, completed epochs). ``wall_seconds`` is the baseline's
+    Both series are indexed by epoch (1-based, completed epochs), or by step when their index is named
+    ``step`` (``tidy.curve`` of rows with unit=step; texts then count steps). ``wall_seconds`` is the baseline's
     cumulative training seconds by epoch: a gap e -> e' costs wall_seconds[e'] - wall_seconds[e].
     ``epoch_hours`` (if given) replaces it with a fixed wall-clock time per epoch. With neither, only epochs
     are reported. ``tol`` lets a baseline value within tol of the averaged one count as a match.
@@ -218,8 +223,9 @@ def hours_saved(baseline: pd.Series, averaged: pd.Series, higher_is_better: bool
     matched = [g for g in gaps if not g.censored]
     censored = [g for g in gaps if g.censored]
     best = max(matched, key=lambda g: (g.epochs, -g.epoch)) if matched else None
+    unit = "step" if "step" in (averaged.index.name, baseline.index.name) else "epoch"
     return HoursSaved(tuple(gaps), horizon, higher_is_better, str(averaged.name or "averaged"), best,
-                      censored[0] if censored else None)
+                      censored[0] if censored else None, unit)
 
 
 def hours_saved_for_run(run: Run, metric: str, method: str = "lawa", k: int | None = None, *,

@@ -99,7 +99,8 @@ def _metric_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def curve(df: pd.DataFrame, metric: str, method: str, k: int | None = None, *,
           seed: int | None = None, optimizer: str | None = None) -> pd.Series:
-    """One curve (value by epoch, sorted) for ``method`` at window size ``k``.
+    """One curve (value by epoch, sorted) for ``method`` at window size ``k``; the index is named ``step`` when
+    the rows carry unit=step (else ``epoch``).
 
         >>> curve(results, "val_acc1", "lawa", k=6).loc[10]
 
@@ -127,7 +128,9 @@ def curve(df: pd.DataFrame, metric: str, method: str, k: int | None = None, *,
                             f"({_names(rows[column].astype(str))}); choose one with --{column}")
     rows = rows.drop_duplicates("epoch", keep="last").sort_values("epoch")
     label = method if method == "baseline" else f"{method} k={int(rows['k'].iloc[0])}"
-    return pd.Series(rows["value"].to_numpy(), index=pd.Index(rows["epoch"].to_numpy(), name="epoch"),
+    # The index is named by the rows' unit: 'step' for step-indexed runs, so axes and texts can say so.
+    unit = "step" if "unit" in rows and len(rows) and (rows["unit"] == "step").all() else "epoch"
+    return pd.Series(rows["value"].to_numpy(), index=pd.Index(rows["epoch"].to_numpy(), name=unit),
                      name=label)
 
 

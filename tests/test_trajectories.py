@@ -527,3 +527,29 @@ def test_step_indexed_sweep_rows_carry_unit_step(hf_trainer_run, tmp_path):
     assert sorted(set(rows.loc[rows["method"] == "lawa", "epoch"])) == [4, 6]
     assert sorted(set(rows.loc[rows["method"] == "baseline", "epoch"])) == [2, 4, 6]
 
+
+
+def test_step_rows_are_labelled_in_steps_by_hours_saved_and_figures(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plots import figstyle, hours_saved
+    from plots.tidy import curve, read_tidy
+
+    results = tmp_path / "results.csv"
+    rows = [{"method": "baseline", "k": 1, "epoch": s, "split": "val", "metric": "loss", "value": v, "unit": "step"}
+            for s, v in ((100, 3.0), (200, 2.0), (300, 1.5), (400, 1.2))]
+    rows += [{"method": "lawa", "k": 2, "epoch": s, "split": "val", "metric": "loss", "value": v, "unit": "step"}
+             for s, v in ((200, 1.9), (300, 1.4), (400, 1.1))]
+    lu.append_rows(results, rows)
+    assert hours_saved.main(["--results", str(results), "--metric", "val_loss", "--k", "2",
+                             "--epoch-hours", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "steps saved" in out and "at step 200" in out and "epoch" not in out.split("maximum saved:")[1]
+    fig, ax = plt.subplots()
+    figstyle.plot_curve(ax, curve(read_tidy(results), "val_loss", "lawa", k=2))
+    figstyle.format_axis(ax, "val_loss", [1.9, 1.1])
+    assert ax.get_xlabel() == "step"
+    plt.close(fig)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import common, synthetic
+from benchmarks import common, merge, synthetic
 
 NAME = "dcp_ranks"
 TITLE = "G2. DCP averaging on W ranks: peak RSS and bytes read per rank"
@@ -179,7 +179,8 @@ def run_ranks(cmd: list[str], threads: int, timeout: float = 900.0) -> dict[str,
     done.set()
     poller.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {proc.returncode}: {stderr.decode(errors='replace')[-1500:]}")
+        said = merge.error_lines(stderr.decode(errors="replace"))
+        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {proc.returncode}: {said}")
     ranks = {rank: (hwm, read) for hwm, read, rank in seen.values() if rank is not None}
     if not ranks:  # a plain process: the command itself is rank 0
         hwm, read, _ = seen.get(proc.pid, (0, 0, None))
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         res = run_ranks(command(variant, run, STEP * args.k, args.k, out), args.threads)
                     except RuntimeError as e:
-                        report.check(f"{variant}: runs ({achieved}, repeat {r})", str(e)[-300:], "exit 0", False)
+                        report.check(f"{variant}: runs ({achieved}, repeat {r})", str(e)[-600:], "exit 0", False)
                         continue
                     report.measure(variant, achieved, r, "wall_seconds", res["wall_seconds"], "seconds")
                     for rank, (hwm, read) in res["ranks"].items():

@@ -307,6 +307,13 @@ def load_all_average(dirs: Sequence[Path], out: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def error_lines(stderr: str, limit: int = 1500) -> str:
+    """What a failed child said: its ``error:`` lines (a CLI's one-line message, on every rank) if any, else
+    the end of its stderr."""
+    lines = list(dict.fromkeys(line.strip() for line in stderr.splitlines() if "error:" in line))
+    return (" | ".join(lines) if lines else stderr.strip())[-limit:]
+
+
 def _tree(pid: int) -> list[int]:
     """``pid`` and all its descendants now alive."""
     todo, seen = [pid], []
@@ -370,7 +377,7 @@ def run_tree(cmd: list[str], threads: int, env: dict[str, str] | None = None) ->
         done.set()
         poller.join()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:5])} … exited {proc.returncode}: {stderr.strip()[-1500:]}")
+            raise RuntimeError(f"{' '.join(cmd[:5])} … exited {proc.returncode}: {error_lines(stderr)}")
         max_kib, user, system, blocks = stats.read().split()[-4:]
     return {
         "wall_seconds": wall,

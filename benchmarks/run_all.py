@@ -4,6 +4,7 @@ and write the combined table, ``summary.md``, next to their results — the text
     python -m benchmarks.run_all              # ≈28 min on 2 busy cores; needs 6 GB of /tmp
     python -m benchmarks.run_all --quick      # ≈1 min: does everything run?
     python -m benchmarks.run_all --only throughput scheduler
+    python -m benchmarks.run_all --scale      # also F (merge: 11 GB, mergekit's venv) and G2 (dcp_ranks): ≈20 min more
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from benchmarks import common
 
 ORDER = ["sweep", "fairseq_average", "throughput", "scheduler", "profile_imagenet"]
+SCALE = ["merge", "dcp_ranks"]  # large data and other tools: only with --scale or --only
 
 
 def summary_markdown(out: Path, names: list[str]) -> str:
@@ -39,20 +41,22 @@ def summary_markdown(out: Path, names: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", nargs="+", choices=ORDER, default=ORDER)
+    p.add_argument("--only", nargs="+", choices=ORDER + SCALE, default=None)
+    p.add_argument("--scale", action="store_true", help=f"also run {', '.join(SCALE)}")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--summary-only", action="store_true", help="only rebuild summary.md from the results present")
     args = p.parse_args(argv)
     out = common.out_dir(argparse.Namespace(out=args.out, quick=args.quick))
+    chosen = args.only or ORDER + (SCALE if args.scale else [])
     failed = []
-    for name in [] if args.summary_only else [n for n in ORDER if n in args.only]:
+    for name in [] if args.summary_only else [n for n in ORDER + SCALE if n in chosen]:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", "--out", str(out)] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
         code = subprocess.run(cmd, cwd=common.REPO).returncode
         print(f"== benchmarks.{name}: exit {code} after {time.perf_counter() - t0:.0f} s", flush=True)
         if code != 0:
             failed.append(name)
-    text = summary_markdown(out, [n for n in ORDER if n in args.only])
+    text = summary_markdown(out, [n for n in ORDER + SCALE if n in chosen])
     (out / "summary.md").write_text(text)
     print(f"combined table: {out / 'summary.md'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

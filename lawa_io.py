@@ -76,9 +76,9 @@ MAIN = "model"  # the entry name when the whole container is one model (plain st
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
 
 # HF Trainer / Accelerate files that resume training rather than describe the model: not copied by default.
-TRAINING_STATE_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "training_args.bin",
-                        "trainer_state.json")
-TRAINING_STATE_PREFIXES = ("rng_state", "optimizer_", "random_states")
+TRAINING_STATE_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scheduler.bin", "scaler.pt", "sampler.bin",
+                        "training_args.bin", "trainer_state.json")
+TRAINING_STATE_PREFIXES = ("rng_state", "optimizer_", "random_states", "custom_checkpoint_", "scheduler_", "sampler_")
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 
@@ -678,9 +678,11 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     ...     ckpt.entries()                       # ['state_dict', 'state_dict_ema']
     ...     ema = ckpt.state("state_dict_ema")
 
-    Directories: Hugging Face (weights files named in :data:`HF_WEIGHT_FILES`) or DCP (``.metadata``). An
-    HF index file given as the path opens its directory. ``trust=True`` unpickles with ``torch.load
-    (weights_only=False)``, which can run code from the file: only for files from a source you trust.
+    Directories: Hugging Face (weights files named in :data:`HF_WEIGHT_FILES`), DCP (``.metadata``), or an
+    HF Trainer checkpoint saved under FSDP whose model is one ``pytorch_model_fsdp_*`` DCP directory (opened
+    as that DCP directory). An HF index file given as the path opens its directory. ``trust=True``
+    unpickles with ``torch.load(weights_only=False)``, which can run code from the file: only for files from
+    a source you trust.
     """
     path = Path(path)
     if not path.exists():
@@ -692,6 +694,9 @@ def open_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             return DCPReader(path)
         if any((path / n).is_file() for n in HF_WEIGHT_FILES):
             return HFReader(path, trust=trust)
+        fsdp = sorted(p for p in path.glob("pytorch_model_fsdp_*") if (p / ".metadata").is_file())
+        if len(fsdp) == 1:  # HF Trainer / Accelerate under FSDP with sharded state dicts: the model is a DCP tree
+            return DCPReader(fsdp[0])
         raise LawaError(f"{path} is a directory with no weights (no {', '.join(HF_WEIGHT_FILES)} and no DCP .metadata)")
     return _open_file(path, trust=trust)
 

@@ -322,6 +322,13 @@ def test_dcp_directories_read_the_model_subtree_and_write_a_dcp_that_dcp_load_re
     dcp.load(loaded, checkpoint_id=str(tmp_path / "avg"))
     assert_close(loaded["model"], fp64_average([model_state(s) for s in range(3)]))
     assert_close(lu.load_model_state(tmp_path / "avg"), loaded["model"], tol=0)
+    # an HF Trainer checkpoint saved under FSDP: its model is the DCP directory pytorch_model_fsdp_0
+    trainer_dir = tmp_path / "checkpoint-3"
+    dcp.save({"model": model_state(3)}, checkpoint_id=str(trainer_dir / "pytorch_model_fsdp_0"))
+    (trainer_dir / "trainer_state.json").write_text("{}")
+    with lawa_io.open_checkpoint(trainer_dir) as ckpt:
+        assert ckpt.layout == "dcp" and ckpt.path.name == "pytorch_model_fsdp_0"
+        assert_close(ckpt.state(), model_state(3), tol=0)
 
 
 def test_safetensors_output_streams_one_entry_with_format_metadata(tmp_path):

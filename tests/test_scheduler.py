@@ -429,6 +429,130 @@ def test_load_state_dict_refuses_other_settings_and_other_models():
 
 
 # ---------------------------------------------------------------------------------------------------
+# which tensors: the params filter and tied names
+# ---------------------------------------------------------------------------------------------------
+
+
+def _held_bytes(lawa: LawaScheduler) -> int:
+    state = lawa.state_dict()
+    return sum(t.numel() * t.element_size() for slot in state["ring"] for t in slot.values()) + sum(
+        t.numel() * t.element_size() for t in state["sum"].values())
+
+
+class _Tied(nn.Module):
+    """Input and output embeddings sharing one weight, as GPT-2's wte and lm_head do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 4)
+        self.mid = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+def _move(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.fill_(value + i)
+
+
+def test_trainable_filter_keeps_only_trainable_parameters_and_buffers():
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    model[0].requires_grad_(False)  # a frozen base
+    lawa = LawaScheduler(model, k=2, params="trainable")
+    frozen = model[0].weight.clone()
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            for p in (*model[1].parameters(), *model[2].parameters()):
+                p.fill_(value)
+            model[1].running_mean.fill_(10 * value)
+        lawa.update()
+    averaged = lawa.averaged_state_dict()
+    assert sorted(averaged) == sorted(n for n in model.state_dict() if not n.startswith("0."))
+    assert torch.equal(averaged["2.weight"], torch.full((2, 5), 3.0))
+    assert torch.equal(averaged["1.running_mean"], torch.full((5,), 30.0))
+    kept = {n: t.numel() * t.element_size() for n, t in model.state_dict().items() if not n.startswith("0.")}
+    # (k+1) x the kept float tensors, k x the integer counter (no sum), nothing for the frozen layer
+    assert _held_bytes(lawa) == 3 * sum(kept.values()) - kept["1.num_batches_tracked"]
+    with lawa.swapped_in():
+        assert torch.equal(model[2].weight, torch.full((2, 5), 3.0))
+        assert torch.equal(model[0].weight, frozen)
+    assert torch.equal(model[2].weight, torch.full((2, 5), 4.0))
+    model.load_state_dict(averaged, strict=False)  # what the docstring promises for filtered states
+
+
+def test_predicate_filter_gets_the_parameters_themselves():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    seen = {}
+
+    def only_biases(name, tensor):
+        seen[name] = isinstance(tensor, nn.Parameter)
+        return name.endswith("bias")
+
+    lawa = LawaScheduler(model, k=2, params=only_biases)
+    lawa.update()
+    assert sorted(lawa.averaged_state_dict()) == ["0.bias", "1.bias"]
+    assert seen and all(seen.values())
+    with pytest.raises(LawaError, match="params must be"):
+        LawaScheduler(model, k=2, params="frozen")
+
+
+def test_tied_weights_are_stored_once_and_written_to_every_name():
+    model = _Tied()
+    lawa = LawaScheduler(model, k=2)
+    for value in (1.0, 3.0):
+        _move(model, value)
+        lawa.update()
+    state = model.state_dict()
+    assert "lm_head.weight" in state and "wte.weight" in state
+    distinct = {"wte.weight", "mid.weight", "mid.bias"}
+    assert _held_bytes(lawa) == 3 * sum(state[n].numel() * 4 for n in distinct)  # the tied weight once
+    averaged = lawa.averaged_state_dict()
+    assert list(averaged) == list(state)
+    assert averaged["lm_head.weight"] is averaged["wte.weight"]
+    assert torch.equal(averaged["wte.weight"], torch.full((11, 4), 2.0))
+    fresh = _Tied()
+    fresh.load_state_dict(averaged)  # strict: every name present
+    _move(model, 5.0)
+    with lawa.swapped_in():
+        assert torch.equal(model.lm_head.weight, torch.full((11, 4), 2.0))
+        assert model.lm_head.weight is model.wte.weight  # still tied: written in place
+    assert torch.equal(model.lm_head.weight, torch.full((11, 4), 5.0))
+    copy = lawa.averaged_model()
+    assert copy.lm_head.weight is copy.wte.weight and torch.equal(copy.wte.weight, torch.full((11, 4), 2.0))
+
+
+def test_save_file_round_trip_is_bit_identical_and_safe(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lawa = LawaScheduler(model, k=3, every_n_steps=2, start=3)
+
+    def train(schedulers, steps):
+        for step in steps:
+            g = torch.Generator().manual_seed(step)
+            optimizer.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 5, generator=g)), torch.randint(0, 3, (8,), generator=g)).backward()
+            optimizer.step()
+            assert len({s.step() for s in schedulers}) == 1
+
+    train([lawa], range(13))  # ring wrapped, n % k != 0
+    path = tmp_path / "lawa_state.safetensors"
+    lawa.save_file(path)
+    resumed = LawaScheduler(model, k=3, every_n_steps=2, start=3)
+    resumed.load_file(path)
+    _assert_states_equal(resumed.averaged_state_dict(), lawa.averaged_state_dict())
+    assert resumed.count == lawa.count == 13 and resumed.num_snapshots == lawa.num_snapshots == 5
+    train([lawa, resumed], range(13, 19))  # in lockstep on the same model: the averages stay bit-identical
+    _assert_states_equal(resumed.averaged_state_dict(), lawa.averaged_state_dict())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LawaError, match="junk.safetensors: not a LawaScheduler state file"):
+        resumed.load_file(tmp_path / "junk.safetensors")
+    with pytest.raises(LawaError, match="k=3 but this scheduler has k=2"):
+        LawaScheduler(model, k=2, every_n_steps=2, start=3).load_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------
 # DistributedDataParallel: 2 processes, gloo, CPU
 # ---------------------------------------------------------------------------------------------------
 

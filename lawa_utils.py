@@ -482,7 +482,14 @@ def average_state_dicts(
 
 
 def find_checkpoints(ckpt_dir: str | os.PathLike) -> dict[int, Path]:
-    """``{E: path}`` for every ``checkpoint{E}.pt`` in ``ckpt_dir`` (E = completed epochs, 1-based)."""
+    """``{E: path}`` for every ``checkpoint{E}.pt`` in ``ckpt_dir`` (E = completed epochs, 1-based).
+
+    >>> find_checkpoints("runs/imagenet")                  # doctest: +SKIP
+    {1: PosixPath('runs/imagenet/checkpoint1.pt'), 2: ...}
+
+    This repository's layout only: ``lawa_trajectory.find_trajectory`` reads every layout, and its
+    ``checkpoints()`` is the index space ``iter_window_averages`` and ``lawa_methods`` take.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise LawaError(f"checkpoint directory {ckpt_dir} does not exist")
@@ -492,7 +499,14 @@ def find_checkpoints(ckpt_dir: str | os.PathLike) -> dict[int, Path]:
         if m and p.is_file():
             found[int(m.group(1))] = p
     if not found:
-        raise LawaError(f"{ckpt_dir} has no checkpoint{{E}}.pt files")
+        from lawa_trajectory import find_trajectory
+
+        try:  # say what the directory holds instead, if it is a run in another layout
+            other = find_trajectory(ckpt_dir)
+        except LawaError:
+            raise LawaError(f"{ckpt_dir} has no checkpoint{{E}}.pt files") from None
+        raise LawaError(f"{ckpt_dir} has no checkpoint{{E}}.pt files; it holds {other.layout} checkpoints "
+                        f"({other.describe()}): read it with lawa_trajectory.find_trajectory")
     return dict(sorted(found.items()))
 
 

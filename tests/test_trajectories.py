@@ -157,6 +157,12 @@ def test_ambiguous_directories_are_refused_listing_what_was_found(tmp_path, caps
     assert stderr.startswith("lawa_utils: error: ") and not (tmp_path / "avg.pt").exists()
 
 
+def test_find_checkpoints_says_which_layout_a_directory_holds(tmp_path):
+    with pytest.raises(lu.LawaError, match=r"has no checkpoint\{E\}.pt files; it holds hf checkpoints \(2 check"):
+        lu.find_checkpoints(touch(tmp_path / "hf", "checkpoint-5/", "checkpoint-10/"))
+    assert list(lu.find_checkpoints(touch(tmp_path / "own", "checkpoint2.pt", "checkpoint10.pt"))) == [2, 10]
+
+
 def test_windows_count_checkpoints_and_refuse_gaps_and_short_runs(tmp_path):
     run = lt.find_trajectory(touch(tmp_path / "hf", *[f"checkpoint-{s}/" for s in (500, 1000, 1500, 2500, 3000)]))
     assert run.interval == 500
@@ -553,3 +559,17 @@ def test_step_rows_are_labelled_in_steps_by_hours_saved_and_figures(tmp_path, ca
     figstyle.format_axis(ax, "val_loss", [1.9, 1.1])
     assert ax.get_xlabel() == "step"
     plt.close(fig)
+
+
+def test_method_averages_read_any_layout_in_index_space(timm_run, dcp_run):
+    import lawa_methods
+
+    run = lt.find_trajectory(timm_run)
+    cells = list(lawa_methods.iter_method_averages("swa", run.checkpoints(), starts=[1], ends=[3]))
+    assert [(c[0], c[1]) for c in cells] == [(3, 3)]
+    inputs = [torch.load(p, weights_only=False)["state_dict"] for p in run.paths]
+    assert_state_close(cells[0][2], mean_state(inputs), "swa over timm files")
+    steps = lt.find_trajectory(dcp_run)
+    (end, k, state), = lu.iter_window_averages(steps, [2], ends=[30])  # DCP directories, in positions
+    assert (end, k) == (30, 2)
+    assert_state_close(state, mean_state([_dcp_model_state(steps.path(s)) for s in (20, 30)]), "dcp window")

@@ -257,7 +257,7 @@ class _Hit(NamedTuple):
     layout: str
     unit: str
     zero_based: bool
-    position: int  # for Lightning the epoch (None if the name has none); see _lightning
+    position: int | None  # for Lightning the epoch (None if the name has none); see _lightning
     step: int | None = None  # Lightning only
     path: Path = Path()
 

@@ -8,7 +8,7 @@ the per-update lines instead: ``train_inner`` (``{"loss": "9.36", "num_updates":
 the mean training loss over the last ``--log-interval`` updates, in bits) and ``valid``
 (``{"valid_loss": "9.29", "valid_num_updates": "100"}``: the loss on the validation set, or on
 ``--max-valid-steps`` batches of it). Rows: method=baseline, k=1, ``epoch`` = the update count (as in
-gpt/evaluate.py's results), ``wall_seconds`` = fairseq's ``wall`` at that update (seconds since training
+gpt/evaluate_lawa.py's results), ``wall_seconds`` = fairseq's ``wall`` at that update (seconds since training
 started; validation rows take it from the training line of the same update when there is one). A resumed
 run appends to the same log: the last line for an update wins.
 """

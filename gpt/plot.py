@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Figure and table of the Early-Weight-Averaging runs, from gpt/evaluate.py's tidy results CSVs only.
+"""Figure and table of the Early-Weight-Averaging runs, from gpt/evaluate_lawa.py's tidy results CSVs only.
 
     python gpt/plot.py --run "LR 3e-2=runs/gpt/lr-high/results.csv" --run "LR 3e-3=runs/gpt/lr-low/results.csv" \
         --k 2 --spacing 4 --ema-k 2 --swa-start 300 --out runs/gpt/figures --table runs/gpt/table.md
@@ -23,15 +23,17 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from evaluate import lawa_label  # noqa: E402
 
 from plots.figstyle import kcolors, new_figure, plot_curve, save  # noqa: E402
 from plots.tidy import TidyError, curve, read_tidy, run_cli  # noqa: E402
 
 PROG = "plot.py"
 METRIC = "val_loss"
+
+
+def lawa_label(spacing: int) -> str:
+    """The sweep's label for k checkpoints spaced ``spacing`` apart: ``lawa`` when consecutive, else ``ewa-s{s}``."""
+    return "lawa" if spacing == 1 else f"ewa-s{spacing}"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -72,7 +72,7 @@ one_run() {
             MAX_UPDATE="$MAX_UPDATE" SAVE_EVERY="$SAVE_EVERY" bash "$REPO/gpt/train.sh" > "$dir/train.out" 2>&1 \
             || { tail -20 "$dir/train.out" >&2; echo "reproduce_results.sh: training lr-$name failed" >&2; return 1; }
     fi
-    "$PY" "$REPO/gpt/evaluate.py" "$DATA" --ckpt-dir "$dir/checkpoints" --ks "$KS" --spacings "$SPACINGS" \
+    "$PY" "$REPO/gpt/evaluate_lawa.py" "$DATA" --ckpt-dir "$dir/checkpoints" --ks "$KS" --spacings "$SPACINGS" \
         --ema-decays "$EMA_DECAYS" --swa-starts "$SWA_START" --updates "$EVAL_EVERY:$MAX_UPDATE:$EVAL_EVERY" \
         --valid-batches "$VALID_BATCHES" --out "$dir/results.csv" 2> "$dir/sweep.err" \
         || { tail -5 "$dir/sweep.err" >&2; return 1; }

@@ -5,6 +5,7 @@ checkpoint files for the index sets, a synthetic nanoGPT token stream.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,11 +22,23 @@ GPT = REPO / "gpt"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(GPT))
 
-import evaluate as gpt_evaluate  # noqa: E402  (gpt/ scripts import each other by name, like bert/)
 import nanogpt_to_fairseq  # noqa: E402
 import plot as gpt_plot  # noqa: E402
 
+import lawa_fairseq  # noqa: E402
+import lawa_sweep  # noqa: E402
 import lawa_utils  # noqa: E402
+
+
+def _load_sweep():
+    """gpt/evaluate_lawa.py under its own name: bert/ and imagenet/ have an evaluate_lawa.py too."""
+    spec = importlib.util.spec_from_file_location("gpt_evaluate_lawa", GPT / "evaluate_lawa.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpt_evaluate = _load_sweep()
 
 # 12 updates of 8 sequences × 64 tokens, a checkpoint every 4, fairseq validating at each. 200 PTB sentences make
 # 8 updates per epoch, so the checkpoint of update 8 ends epoch 1 and fairseq writes it as checkpoint1.pt only.
@@ -57,8 +70,8 @@ def trained(ptb, tmp_path_factory) -> Path:
 
 def test_tiny_run_saves_every_n_updates_and_logs_by_update(trained):
     assert sorted(int(p.stem.split("_")[2]) for p in trained.glob("checkpoint_*_*.pt")) == [4, 12]
-    trajectory = gpt_evaluate.find_trajectory(trained)
-    assert trajectory.interval == 4 and {i: p.name for i, p in trajectory.paths.items()}[2] == "checkpoint1.pt"
+    trajectory = lawa_fairseq.update_trajectory(trained)
+    assert trajectory.interval == 4 and trajectory.positions == (4, 8, 12) and trajectory.name(8) == "checkpoint1.pt"
     log = lawa_utils.read_results(trained / "log.csv")
     assert list(log.columns) == lawa_utils.RESULT_COLUMNS
     assert set(log.loc[log["split"] == "val", "epoch"]) == {4, 8, 12}  # fairseq validated at each checkpoint
@@ -77,11 +90,11 @@ def fairseq_validate(data: Path, checkpoint: Path) -> float:
 
 
 def test_sweep_cells_equal_fairseq_validate_on_the_averaged_checkpoints(trained, ptb, tmp_path):
-    paths = gpt_evaluate.find_trajectory(trained).paths
+    path = lawa_fairseq.update_trajectory(trained).path
     lawa, ema = tmp_path / "lawa.pt", tmp_path / "ema.pt"
-    run([sys.executable, "-m", "lawa_utils", "average", "--files", paths[2], paths[3], "--out", lawa])
+    run([sys.executable, "-m", "lawa_utils", "average", "--files", path(8), path(12), "--out", lawa])
     # The EMA of decay d over checkpoints 4, 8, 12 is the paper's exponential weighting with alpha = 1 − d.
-    run([sys.executable, "-m", "lawa_utils", "average", "--files", paths[1], paths[2], paths[3], "--method", "exp",
+    run([sys.executable, "-m", "lawa_utils", "average", "--files", path(4), path(8), path(12), "--method", "exp",
          "--alpha", "0.5", "--out", ema])
     references = {"lawa": fairseq_validate(ptb, lawa), "ema": fairseq_validate(ptb, ema)}  # safe loading on
 
@@ -89,7 +102,9 @@ def test_sweep_cells_equal_fairseq_validate_on_the_averaged_checkpoints(trained,
     argv = ["--ckpt-dir", str(trained), "--ks", "2", "--spacings", "1,2", "--ema-decays", "0.5", "--swa-starts", "8",
             "--out", str(out)]
     gpt_evaluate.main(argv)
-    rows = lawa_utils.read_results(out).set_index(["method", "k", "epoch"])["value"]
+    results = lawa_utils.read_results(out)
+    assert set(results["unit"]) == {"step"}  # the epoch column holds update counts
+    rows = results.set_index(["method", "k", "epoch"])["value"]
     for cell, reference in ((("lawa", 2, 12), "lawa"), (("swa", 2, 12), "lawa"), (("ema", 2, 12), "ema")):
         assert abs(rows[cell] - references[reference]) <= 0.0005 + 1e-6, cell  # fairseq prints 3 decimals
     assert ("ewa-s2", 2, 12) in rows.index and ("ewa-s2", 2, 8) not in rows.index  # 4 and 12: from the first on
@@ -97,8 +112,8 @@ def test_sweep_cells_equal_fairseq_validate_on_the_averaged_checkpoints(trained,
     for updates in (4, 8, 12):  # the plain checkpoints: the loss fairseq-train logged for them
         assert abs(rows["baseline", 1, updates] - log[updates, "val"]) <= 0.0005 + 1e-6
 
-    again = run([sys.executable, GPT / "evaluate.py", *argv])
-    assert "already in" in again.stdout and len(lawa_utils.read_results(out)) == len(rows)  # a rerun skips them
+    again = run([sys.executable, GPT / "evaluate_lawa.py", *argv])
+    assert "already in" in again.stderr and len(lawa_utils.read_results(out)) == len(rows)  # a rerun skips them
 
 
 def one_hot_run(folder: Path, updates: list[int], epoch_files: dict[int, int] | None = None) -> None:
@@ -121,14 +136,25 @@ def averaged_updates(state: dict) -> list[int]:
     return [10 * i for i in torch.nonzero(w).flatten().tolist()]
 
 
+def sweep_states(tmp_path: Path, methods: list, ends=None, one_hot: bool = True) -> dict:
+    """{(label, k, update): the averaged tensor (one_hot: the updates it averages)} of the run in tmp_path/run,
+    through the sweep engine the script calls."""
+    cells = {}
+
+    def evaluate(state, cell):
+        cells[cell.label, cell.k, cell.end] = averaged_updates(state) if one_hot else state["w"]
+        return {"val_loss": 0.0}
+
+    trajectory = lawa_fairseq.update_trajectory(tmp_path / "run")
+    lawa_sweep.sweep(trajectory, methods, evaluate, tmp_path / "r.csv", baseline=False, ends=ends)
+    return cells
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_spaced_windows_and_blocks_average_the_closed_form_checkpoints(tmp_path, blocks):
     n, k, s = 17, 3, 4  # checkpoints at updates 10..170, N = 10
     one_hot_run(tmp_path / "run", [10 * i for i in range(1, n + 1)])
-    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
-    plan = gpt_evaluate.Plan(ks=[k], spacings=[s], blocks=blocks, baseline=False)
-    cells = {(label, kk, trajectory.updates(end)): averaged_updates(state)
-             for label, kk, end, state in gpt_evaluate.iter_cells(trajectory.paths, plan)}
+    cells = sweep_states(tmp_path, [lawa_sweep.Ewa((k,), s, blocks)])
     # Sliding: a window at every end E with E − (k−1)·s·N ≥ the first update; blocks (the paper's script):
     # only E_b = first + ((b+1)·k − 1)·s·N, b = 0, 1, …, whose windows tile the spaced run without overlap.
     first, last, span = 10, 10 * n, (k - 1) * s * 10
@@ -146,22 +172,20 @@ def test_spaced_windows_and_blocks_average_the_closed_form_checkpoints(tmp_path,
 
 def test_ema_and_swa_cells_weigh_the_checkpoints_as_defined(tmp_path):
     one_hot_run(tmp_path / "run", [10, 20, 30, 40])
-    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
-    plan = gpt_evaluate.Plan(ema_decays=[0.5], swa_starts=[trajectory.index(20, "start")], ends=[4], baseline=False)
-    cells = {(label, k): state["w"] for label, k, _, state in gpt_evaluate.iter_cells(trajectory.paths, plan)}
-    torch.testing.assert_close(cells["ema", 2], torch.tensor([0, 0.125, 0.125, 0.25, 0.5]))
-    torch.testing.assert_close(cells["swa", 3], torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3]))
+    cells = sweep_states(tmp_path, [lawa_sweep.Ema((0.5,)), lawa_sweep.Swa((20,))], ends=[40], one_hot=False)
+    torch.testing.assert_close(cells["ema", 2, 40], torch.tensor([0, 0.125, 0.125, 0.25, 0.5]))
+    torch.testing.assert_close(cells["swa", 3, 40], torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3]))
 
 
 def test_the_checkpoint_ending_an_epoch_fills_its_slot(tmp_path):
     # fairseq writes the checkpoint of an update that ends an epoch only as checkpoint{epoch}.pt.
     one_hot_run(tmp_path / "run", [10, 30], epoch_files={1: 20, 2: 25})
-    trajectory = gpt_evaluate.find_trajectory(tmp_path / "run")
-    assert {i: p.name for i, p in trajectory.paths.items()} == {1: "checkpoint_1_10.pt", 2: "checkpoint1.pt",
-                                                               3: "checkpoint_1_30.pt"}
+    trajectory = lawa_fairseq.update_trajectory(tmp_path / "run")
+    assert dict(zip(trajectory.positions, [p.name for p in trajectory.paths], strict=True)) == {
+        10: "checkpoint_1_10.pt", 20: "checkpoint1.pt", 30: "checkpoint_1_30.pt"}
     (tmp_path / "run" / "checkpoint1.pt").unlink()
     with pytest.raises(lawa_utils.LawaError, match="no checkpoint for update 20 .*checkpoint\\{E\\}.pt"):
-        gpt_evaluate.find_trajectory(tmp_path / "run")
+        lawa_fairseq.update_trajectory(tmp_path / "run")
 
 
 def error_of(capsys, *argv: str) -> str:
@@ -169,7 +193,7 @@ def error_of(capsys, *argv: str) -> str:
         gpt_evaluate.main(list(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("evaluate.py: error: "), err  # one line for people
+    assert err.count("\n") == 1 and err.startswith("evaluate_lawa.py: error: "), err  # one line for people
     return err
 
 
@@ -181,20 +205,19 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert "no checkpoint for update 30" in error_of(capsys, "--ckpt-dir", str(tmp_path / "gap"))
     one_hot_run(tmp_path / "run", [10, 20, 30])
     run_dir = str(tmp_path / "run")
-    assert "--ks must be comma-separated positive integers" in error_of(capsys, "--ckpt-dir", run_dir, "--ks", "0")
+    assert "--ks must be ≥ 2" in error_of(capsys, "--ckpt-dir", run_dir, "--ks", "0")
     assert "--spacings must be" in error_of(capsys, "--ckpt-dir", run_dir, "--spacings", "two")
     assert "span 5 checkpoints, but the run has 3" in error_of(capsys, "--ckpt-dir", run_dir, "--ks", "2",
                                                                "--spacings", "4")
-    assert "--ema-decays must be" in error_of(capsys, "--ckpt-dir", run_dir, "--ema-decays", "1.5")
-    assert "--swa-starts: update 15 is not a saved checkpoint" in error_of(capsys, "--ckpt-dir", run_dir,
-                                                                           "--swa-starts", "15")
-    assert "--updates 35:50 selects no checkpoint" in error_of(capsys, "--ckpt-dir", run_dir, "--updates", "35:50")
+    assert "EMA decay must be in [0, 1), got 1.5" in error_of(capsys, "--ckpt-dir", run_dir, "--ema-decays", "1.5")
+    assert "checkpoint_1_15.pt does not exist" in error_of(capsys, "--ckpt-dir", run_dir, "--swa-starts", "15")
+    assert "--epochs 35:50 selects no checkpoint" in error_of(capsys, "--ckpt-dir", run_dir, "--updates", "35:50")
 
 
 def test_the_command_line_exits_2_with_the_message_and_no_traceback(tmp_path):
-    proc = run([sys.executable, GPT / "evaluate.py", "--ckpt-dir", tmp_path], check=False)
+    proc = run([sys.executable, GPT / "evaluate_lawa.py", "--ckpt-dir", tmp_path], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: ")
+    assert proc.stderr.strip().splitlines()[-1].startswith("evaluate_lawa.py: error: ")
 
 
 def test_training_without_data_says_how_to_make_it(tmp_path):

@@ -142,10 +142,7 @@ def _sweep_command(argv: Sequence[str]) -> int:
 
 
 def _plots(name: str) -> Any:
-    repo = Path(__file__).resolve().parent
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
-    return importlib.import_module(f"plots.{name}")
+    return importlib.import_module(f"plots.{name}")  # plots/ is a package of the distribution (and of the repo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

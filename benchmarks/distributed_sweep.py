@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def _build(width: int) -> torch.nn.Module:
 CELLS_LINE = re.compile(r"lawa_sweep: cells(?: \(rank (\d+) of \d+\))?: (\d+) cells in ([\d.]+) s")
 
 
-def run_variant(variant: str, run: Path, eval_file: Path, out: Path, timeout: float) -> tuple[float, list]:
+def run_variant(variant: str, run: Path, eval_file: Path, out: Path, timeout: float) -> tuple[float, float, list]:
     sweep = ["sweep", "--dir", str(run), "--eval", f"{eval_file}:evaluate", "--method", "uni", "--ks", "2,4",
              "--out", str(out)]
     if variant == "1 process":
@@ -92,13 +93,16 @@ def run_variant(variant: str, run: Path, eval_file: Path, out: Path, timeout: fl
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "lawa_cli", *sweep]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(common.REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # CPU times of the finished children (not their RSS)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"benchmark: {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     ranks = sorted((int(r or 0), int(n), float(t)) for r, n, t in CELLS_LINE.findall(proc.stderr))
-    return wall, [(n, t) for _, n, t in ranks]
+    return wall, cpu, [(n, t) for _, n, t in ranks]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,16 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for variant in common.interleaved(variants, repeat):
                 out = tmp / f"results-{variant.replace(' ', '')}-{repeat}.csv"
-                wall, ranks = run_variant(variant, run, eval_file, out, timeout=1800)
+                wall, cpu, ranks = run_variant(variant, run, eval_file, out, timeout=1800)
                 phase = max(t for _, t in ranks)
                 report.measure(variant, "warm", repeat, "wall_seconds", wall, "s")
+                report.measure(variant, "warm", repeat, "cpu_seconds", cpu, "s")
+                report.measure(variant, "warm", repeat, "cores_used", cpu / wall, "cores")
                 report.measure(variant, "warm", repeat, "sweep_seconds", phase, "s")
                 for r, (n, t) in enumerate(ranks):
                     report.measure(variant, "warm", repeat, f"rank{r}_cells", n, "cells")
                     report.measure(variant, "warm", repeat, f"rank{r}_seconds", t, "s")
                 results.setdefault(variant, []).append((out, ranks))
-                print(f"   {variant} repeat {repeat}: {wall:.1f} s whole, sweep {phase:.1f} s, ranks {ranks}",
-                      flush=True)
+                print(f"   {variant} repeat {repeat}: {wall:.1f} s whole ({cpu:.1f} CPU s), sweep {phase:.1f} s, "
+                      f"ranks {ranks}", flush=True)
         reference = lu.read_results(results["1 process"][0][0]).sort_values(["method", "epoch", "k"])
         worst, once = 0.0, True
         for out, _ in results["2 ranks"]:
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep phase s (median)": med(variant, "sweep_seconds"),
             "min–max sweep s": f"{min(report.values(variant, 'sweep_seconds')):.3g}–"
                                f"{max(report.values(variant, 'sweep_seconds')):.3g}",
+            "CPU s, all processes": med(variant, "cpu_seconds"), "cores used": med(variant, "cores_used"),
             "cells per rank": "/".join(f"{c:.0f}" for c in per_rank),
             "rank seconds": "/".join(f"{t:.3g}" for t in times),
         })
@@ -166,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 "reported", True)
     report.note(f"{cells} cells (baseline, k=2, k=4) of a {args.epochs}-checkpoint trajectory; the 2 ranks take "
                 "contiguous blocks of end epochs balanced by cells, so their counts differ by at most one end's cells.")
+    balance = cells / max(c for c in (med("2 ranks", f"rank{r}_cells") for r in range(2)))
+    report.note(f"The largest block bounds the speed-up at {balance:.2f}× on two free cores. 'cores used' = CPU "
+                "seconds of all processes ÷ wall seconds: what the run got from the shared machine (2 at most).")
     report.note("Other engineers' jobs share the 2 cores: two ranks compete with them for both cores while one "
                 "process needs only one, so the speed-up under load is below what an idle machine gives.")
     return report.finish()

@@ -150,6 +150,17 @@ def test_each_block_of_ends_reads_only_the_checkpoints_its_windows_need(tmp_path
         assert reads == [f"checkpoint{e}.pt" for e in range(first, block[-1] + 1)]
 
 
+def test_lawa_average_is_the_average_command(tmp_path, capsys):
+    import lawa_cli
+
+    run = write_run(tmp_path / "run", range(1, 5))
+    assert lawa_cli.main(["average", "--dir", str(run), "--end", "4", "--k", "2", "--out", str(tmp_path / "a.pt")]) == 0
+    averaged = lu.load_model_state(tmp_path / "a.pt")
+    assert weight_sum(averaged) == pytest.approx(expected({3: 0.5, 4: 0.5}), rel=1e-6)
+    assert lawa_cli.main(["average", "--dir", str(run), "--end", "9", "--k", "2", "--out", str(tmp_path / "b.pt")]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "b.pt").exists()
+
+
 BN_EVAL = """
 import torch
 MODEL = torch.nn.BatchNorm1d(3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the torchrun workers run this file as a script
     sys.path.insert(0, str(REPO))
 
+from lawa_tidy import LawaError  # noqa: E402
 from lawa_utils import average_state_dicts  # noqa: E402
 
 K = 3
@@ -115,6 +117,11 @@ def test_hf_trainer_resume_is_bit_identical_and_logs_eval_lawa(tmp_path):
     stopped, _ = _hf_trainer(tmp_path / "b", stop_after_epoch=2)
     stopped.train()
     assert len(_checkpoints(tmp_path / "b")) == 2
+    # Without its state file a resumed run refuses to start rather than silently restart the window.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    (tmp_path / "c" / "checkpoint-8" / "lawa_state.safetensors").unlink()
+    with pytest.raises(LawaError, match="resuming at step 8 but .*c/checkpoint-8/lawa_state.safetensors"):
+        _hf_trainer(tmp_path / "c")[0].train(resume_from_checkpoint=True)
     resumed, resumed_lawa = _hf_trainer(tmp_path / "b")
     resumed.train(resume_from_checkpoint=True)
     _assert_states_equal(resumed_lawa.scheduler.averaged_state_dict(), reference)
@@ -135,29 +142,16 @@ def test_hf_trainer_resume_is_bit_identical_and_logs_eval_lawa(tmp_path):
     assert trainer.evaluate()["eval_loss"] == losses[-1]
 
 
-def test_hf_trainer_step_snapshots_and_a_missing_state_is_an_error(tmp_path):
-    from lawa_tidy import LawaError
-
-    trainer, lawa = _hf_trainer(tmp_path / "a", stop_after_epoch=2, every_n_steps=3)
-    trainer.train()
-    assert lawa.scheduler.num_snapshots == 2  # steps 3 and 6 of 8
-    assert lawa.scheduler.count == 8
-    for c in _checkpoints(tmp_path / "a"):
-        (c / "lawa_state.safetensors").unlink()
-    resumed, _ = _hf_trainer(tmp_path / "a", every_n_steps=3)
-    with pytest.raises(LawaError, match="resuming at step 8 but .*checkpoint-8/lawa_state.safetensors"):
-        resumed.train(resume_from_checkpoint=True)
-
-
 def _hf_worker(out: Path) -> None:
-    trainer, lawa = _hf_trainer(out, shard=True)
+    trainer, lawa = _hf_trainer(out, shard=True, every_n_steps=2)  # 2 steps per epoch and rank
     trainer.train()
+    assert lawa.scheduler.count == 2 * EPOCHS and lawa.scheduler.num_snapshots == EPOCHS
     averaged = lawa.scheduler.averaged_state_dict()  # a collective: every rank gets whole tensors
     held = sum(t.numel() * t.element_size() for t in lawa.scheduler.state_dict()["sum"].values())
     torch.save({"average": averaged, "sum_bytes": held}, out / f"rank{trainer.args.process_index}.pt")
 
 
-def test_hf_trainer_ddp_two_processes_sharded(tmp_path):
+def test_hf_trainer_ddp_two_processes_sharded_step_snapshots(tmp_path):
     _torchrun("hf", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     _assert_states_equal(ranks[0]["average"], ranks[1]["average"])

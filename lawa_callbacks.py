@@ -94,10 +94,14 @@ class _TrainerHooks:
     model and runs ``trainer.evaluation_loop`` on the very dataloader that evaluation used (same batches, same
     order, same ``compute_metrics``), then ``trainer.log``s the metrics under the prefix ``eval_lawa``
     (``eval_lawa_loss`` beside ``eval_loss``; ``eval_lawa_<name>_…`` for a dict of eval datasets). So
-    ``trainer_state.json``'s ``log_history``, TensorBoard and W&B show both. θ^LAWA there is the average of
-    the snapshots taken so far, the newest being this epoch's end (or this step's) when one was due: the
-    Trainer evaluates after ``on_epoch_end``/``on_step_end``. Evaluations before the first snapshot log no
-    LAWA metrics. ``eval_lawa_*`` keys do not reach ``metric_for_best_model`` or early stopping.
+    ``trainer_state.json``'s ``log_history``, TensorBoard and W&B show both. ``eval_lawa_loss`` is thus
+    computed exactly as ``eval_loss`` is (each batch's mean loss, weighted by its size, over the eval set),
+    on the average of the min(k, taken) latest snapshots, the newest being this epoch's end (or this step's)
+    when one was due: the Trainer evaluates after ``on_epoch_end``/``on_step_end``. With per-epoch snapshots
+    and ``save_strategy="epoch"``, snapshot E holds the weights ``checkpoint-<step of epoch E>/`` holds, so
+    the logged value at epoch E ≥ k equals a post-hoc window of k checkpoints ending there. Evaluations before
+    the first snapshot log no LAWA metrics. ``eval_lawa_*`` keys do not reach ``metric_for_best_model`` or
+    early stopping.
 
     State. On every save, the scheduler's state goes into ``checkpoint-N/lawa_state.safetensors`` (safetensors,
     settings as JSON in its metadata; no pickle), written by the main process, or by every rank as

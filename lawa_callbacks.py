@@ -189,8 +189,9 @@ class _TrainerHooks:
             if state.is_world_process_zero:
                 def build(tmp: Path) -> None:
                     trainer.model.save_pretrained(tmp)
-                    if trainer.processing_class is not None:
-                        trainer.processing_class.save_pretrained(tmp)
+                    processor = getattr(trainer, "processing_class", None)  # `tokenizer` before transformers 4.46
+                    if processor is not None:
+                        processor.save_pretrained(tmp)
 
                 _publish_dir(build, Path(self.output_dir))
         trainer.accelerator.wait_for_everyone()

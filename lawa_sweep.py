@@ -597,6 +597,9 @@ def sweep(
     ``<split>_<metric>`` printed by end and k at the end (default: the first one). ``load(path)`` replaces
     ``lawa_utils.load_model_state``.
 
+    Under several ranks each evaluates its own cells alone: ``evaluate`` must not call collectives (a
+    distributed Trainer or DDP model inside it would wait for ranks busy with other cells).
+
     Returns the results of this trajectory (a DataFrame) on rank 0, None on the other ranks.
     """
     trajectory = _trajectory(trajectory)

@@ -1,5 +1,5 @@
-"""Run benchmarks A–D and E's profile one after another (never side by side: they would measure each other)
-and write the combined table, ``summary.md``, next to their results — the text BENCHMARKS.md quotes.
+"""Run benchmarks A–D, E's profile and G's sweep part one after another (never side by side: they would measure
+each other) and write the combined table, ``summary.md``, next to their results — the text BENCHMARKS.md quotes.
 
     python -m benchmarks.run_all              # ≈28 min on 2 busy cores; needs 6 GB of /tmp
     python -m benchmarks.run_all --quick      # ≈1 min: does everything run?
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-ORDER = ["sweep", "fairseq_average", "throughput", "scheduler", "profile_imagenet"]
+ORDER = ["sweep", "fairseq_average", "throughput", "scheduler", "profile_imagenet", "distributed_sweep"]
 SCALE = ["merge", "dcp_ranks"]  # large data and other tools: only with --scale or --only
 
 

@@ -56,9 +56,10 @@ in the ring and the sum, (k + 1)/W × the model per rank; snapshots need no comm
 every rank must call them together; ``device`` must suit the process group's backend: CPU for gloo). Under
 FSDP2 (``fully_shard``: DTensor parameters) each rank already holds a shard: the scheduler keeps and averages
 the local shards, swaps them in with no communication at all, and ``state_dict()`` returns DTensors, so
-``torch.distributed.checkpoint`` saves it as global tensors and can load it on another world size (the
-values reshard; resumed averages then equal the uninterrupted ones up to rounding, not bit for bit, since the
-exact-recount chunks follow the local shard sizes). Resume formats: ``state_dict()`` (torch.save, weights_only
+``torch.distributed.checkpoint`` saves it as global tensors and can load it on another world size: the
+values reshard and the average right after loading is bit-identical (tested 3 → 2 ranks); later averages equal
+an uninterrupted run's up to rounding, not bit for bit, since the exact-recount chunks follow the local shard
+sizes. Resume formats: ``state_dict()`` (torch.save, weights_only
 loads it), ``save_file()`` (safetensors, no pickle), DCP for DTensors.
 
 Why there is no EMA or SWA mode. Both are running averages without a window: SWA is the mean of all
@@ -620,13 +621,13 @@ class LawaScheduler:
 
             lawa.load_file("checkpoint-800/lawa_state.safetensors")
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(os.fspath(path), framework="pt", device=str(self.device)) as f:
                 settings = json.loads((f.metadata() or {})["lawa_scheduler"])
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise LawaError(f"{path}: not a LawaScheduler state file ({type(exc).__name__}: {exc})") from None
         rings = {key[len("ring."):]: t for key, t in tensors.items() if key.startswith("ring.")}
         slots = next(iter(rings.values())).shape[0] if rings else 0

@@ -190,7 +190,13 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
     return data  # a Parameter's weights are its data
 
 
+def _rebuild_from_type(func, new_type, args, state=None):
+    return func(*args)  # a tensor saved with attributes or as a subclass: its data is what func rebuilds
+
+
 _REBUILDERS = {
+    ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch._utils", "_rebuild_tensor"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
@@ -1019,8 +1025,8 @@ def _write_zip(reader: TorchZipReader, path: Path, targets: Mapping[str, Callabl
             w.set_min_version(int(version))
         mapped = torch.UntypedStorage.from_file(str(reader.path), False, reader.path.stat().st_size)
         for name in reader.zip.get_all_records():
-            if name in ("version", ".data/version", ".data/serialization_id"):
-                continue  # the writer writes these itself
+            if name in ("version", ".data/version", ".data/serialization_id") or name in extra:
+                continue  # the writer writes the first three itself; an earlier average's provenance is replaced
             size = reader.zip.get_record_size(name)
             key = name[5:] if name.startswith("data/") else None
             if key in by_storage:
@@ -1325,10 +1331,13 @@ def _average_hf(newest: HFReader, tmp: Path, plan, avg, lawa, report, copy_train
             keys = [(raw, plan[raw[cut:]][0], plan[raw[cut:]][1]) for raw in shard.raw_keys()]
             metadata = {**shard.metadata, "format": shard.metadata.get("format", "pt")}
             written += _write_safetensors(tmp / name, keys, lambda raw: avg(MAIN, raw[cut:]), metadata)
-        else:
+        elif isinstance(shard, TorchZipReader):
             out_dtypes = {"": {raw: plan[raw[cut:]][1] for raw in shard.tree}}
             written += _write_zip(shard, tmp / name, {"": lambda raw: avg(MAIN, raw[cut:])}, out_dtypes, {})
             _fsync(tmp / name)
+        else:  # a legacy or trusted .bin shard: saved again with torch.save
+            torch.save({raw: avg(MAIN, raw[cut:]) for raw in shard.tree}, tmp / name)
+            written += (tmp / name).stat().st_size
     if newest.index is not None:
         index = dict(newest.index)
         meta = dict(index.get("metadata") or {})

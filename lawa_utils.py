@@ -780,8 +780,8 @@ def add_average_args(avg: argparse.ArgumentParser) -> None:
                      help="allow arbitrary unpickling (can run code): only for files from a source you trust")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lawa_utils", description="LAWA checkpoint tools.")
+def _build_parser(prog: str = "lawa_utils") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="LAWA checkpoint tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     avg = sub.add_parser(
         "average",
@@ -862,14 +862,20 @@ def average_main(argv: Sequence[str] | None = None) -> int:
     return main(["average", *(sys.argv[1:] if argv is None else argv)])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m lawa_utils``; returns the exit status."""
-    args = _build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = "lawa_utils") -> int:
+    """Entry point of ``python -m lawa_utils``; returns the exit status (2 and one line on stderr for errors).
+
+    >>> main(["average", "--dir", "runs/x", "--k", "6", "--out", "lawa.pt"], prog="lawa")   # doctest: +SKIP
+    0
+
+    ``prog`` names the command in usage and error lines (``lawa average`` passes ``"lawa"``).
+    """
+    args = _build_parser(prog).parse_args(argv)
     try:
         if args.command == "average":
             average_command(args)
     except LawaError as exc:
-        print(f"lawa_utils: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,7 +18,7 @@ from lawa_tidy import LawaError
 from lawa_utils import average_state_dicts, recompute_bn
 
 # ---------------------------------------------------------------------------------------------------
-# helpers
+# models, batches and comparisons
 # ---------------------------------------------------------------------------------------------------
 
 

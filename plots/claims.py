@@ -14,6 +14,10 @@ Student-t interval mean ± t(0.975, n−1)·s/√n:
 - **inconclusive**: anything else: signs differ between seeds and the interval contains 0 (the effect is
   inside the seed spread), only one seed, or the runs the claim needs are absent.
 
+"Every seed" is the weaker half of the rule: with three seeds, a difference of exactly zero plus noise has the
+same sign in every seed one time in four; the interval is the stricter test. Both are what the verdicts say, and
+``Spread`` keeps the numbers so a reader can tell which one applied.
+
 A claim built from parts (App. B's "LAWA ≥ Lookahead ≈ SGD"; a claim tested on both the vision and the masked-LM
 run) says how its parts combine in its docstring. "≈" and "at least as good" cannot be shown by a test that
 needs an effect beyond the spread; such parts only fail a claim when the opposite is shown.

@@ -34,10 +34,16 @@ DIGITS = {"pt": 1, "bits": 3, "epochs": 1}
 
 
 def _pm(part: dict) -> str:
-    """'+4.1 ± 2.0 pt': a part's mean ± std over seeds (the std left out for one seed)."""
+    """'+4.1 ± 2.0 pt (every seed > 0)': a part's mean ± std over seeds and which side of the rule it is on."""
     digits = DIGITS.get(part["unit"], 3)
-    std = "" if part["std"] is None else f" ± {part['std']:.{digits}f}"
-    return f"{part['mean']:+.{digits}f}{std} {part['unit']}"
+    if part["std"] is None:
+        return f"{part['mean']:+.{digits}f} {part['unit']} (one seed)"
+    values = list(part["values"].values())
+    low, high = part["ci"]
+    side = ("every seed > 0" if all(v > 0 for v in values) else "every seed < 0" if all(v < 0 for v in values)
+            else "signs differ")
+    ci = "interval clear of 0" if low > 0 or high < 0 else "interval includes 0"
+    return f"{part['mean']:+.{digits}f} ± {part['std']:.{digits}f} {part['unit']} ({side}; {ci})"
 
 
 def _claim_row(claim: dict) -> str:
@@ -141,8 +147,10 @@ def section(root: str | Path, *, appendix_k: int | None = None) -> str:
              "these logs. It names a paired difference d, one value per seed, signed so that d > 0 is what the "
              "paper says, and it is **held** when d > 0 in every seed or its 95% t interval excludes 0, **not "
              "held** when the same is true against it, and **inconclusive** otherwise (the effect is inside the seed "
-             f"spread). Of {len(claims)} claims, {counts[HELD]} held and {counts[NOT_HELD]} did not; numbers are the "
-             "seeds' mean ± std (per-seed values in `summary.md`).", "",
+             "spread). With three seeds an effect of zero still shows the same sign in every seed one time in four, "
+             "so a verdict on that ground alone is weak; one whose 95% interval is clear of 0 is the stronger kind. "
+             f"Of {len(claims)} claims, {counts[HELD]} held and {counts[NOT_HELD]} did not; numbers are the seeds' "
+             "mean ± std (per-seed values in `summary.md`).", "",
              "![LAWA vs baseline](docs/figures/fig1_averaged_vs_baseline.png)", "",
              "| claim (paper) | measured: paired difference d, mean ± std over seeds | verdict |", "|---|---|---|"]
     lines += [_claim_row(c) for c in claims]

@@ -288,3 +288,26 @@ def test_make_figures_from_the_shipped_logs_without_torch(tmp_path):
     assert {c["verdict"] for c in summary["claims"]} <= {HELD, NOT_HELD, INCONCLUSIVE}
     assert "## The paper's claims" in (tmp_path / "summary.md").read_text()
     assert "claim: " in done.stdout and "GPU time saved, imagenet seed" in done.stdout
+
+
+def test_figures_1_to_4_draw_a_band_per_curve_when_there_are_several_seeds(tmp_path, monkeypatch):
+    from matplotlib.collections import PolyCollection
+
+    from plots import fig1_averaged_vs_baseline, fig2_k_sensitivity, fig4_early_phase, figstyle
+    from plots.summary import summarize
+
+    inputs = load_inputs(imagenet=str(vision(tmp_path, {0: 0.02, 1: 0.03, 2: 0.01})))
+    drawn = {}
+    real_save = figstyle.save
+    for module in (fig1_averaged_vs_baseline, fig2_k_sensitivity, fig4_early_phase):
+        monkeypatch.setattr(module, "save", lambda fig, out, stem: drawn.setdefault(stem, fig) and
+                            real_save(fig, out, stem))
+        module.make(inputs, tmp_path / "figs")
+    bands = {stem: sum(isinstance(c, PolyCollection) for ax in fig.axes for c in ax.collections)
+             for stem, fig in drawn.items()}
+    assert bands == {"fig1_averaged_vs_baseline": 2, "fig2_k_sensitivity": 3, "fig4_early_phase": 2}
+    assert "mean ± std of 3 seeds" in drawn["fig2_k_sensitivity"].axes[0].get_title()
+    rows = {(r["method"], r["k"]): r for r in summarize(inputs)["best_final"] if r["metric"] == "val_acc1"}
+    assert rows[("lawa", 2)]["n"] == 3 and set(rows[("lawa", 2)]["per_seed"]) == {"0", "1", "2"}
+    finals = [0.5 + 0.01 * s + 0.22 + o for s, o in {0: 0.02, 1: 0.03, 2: 0.01}.items()]   # as stored
+    assert rows[("lawa", 2)]["final_mean"] == pytest.approx(sum(finals) / 3)

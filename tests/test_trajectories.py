@@ -403,6 +403,10 @@ def test_timm_run_averages_model_and_ema_and_create_model_loads(timm_run, tmp_pa
     plain = timm.create_model("test_efficientnet", num_classes=3)
     timm.models.load_checkpoint(plain, str(out), use_ema=False)
     assert_state_close(plain.state_dict(), mean_state([c["state_dict"] for c in inputs]), "timm model")
+    only = tmp_path / "ema-only.pth.tar"
+    status, stdout, stderr = average(capsys, "--dir", timm_run, "--k", 3, "--weights", "state_dict_ema", "--out", only)
+    assert status == 0, stderr
+    assert "entries averaged: state_dict_ema)" in stdout and "state_dict" in stdout.split("note:", 1)[1]
 
 
 def _vision_model() -> torch.nn.Module:
@@ -455,6 +459,17 @@ def test_torchvision_run_averages_model_and_ema(torchvision_run, tmp_path, capsy
     assert_state_close(model.state_dict(), mean_state([c["model"] for c in inputs]), "torchvision")
     assert_state_close(ckpt["model_ema"], mean_state([c["model_ema"] for c in inputs]), "torchvision ema")
     assert ckpt["epoch"] == 10
+    # A torch file output keeps the newest input's pickle, dtypes included: a cast goes to safetensors.
+    half = tmp_path / "half.safetensors"
+    status, _, stderr = average(capsys, "--dir", torchvision_run, "--end", 10, "--k", 2, "--weights", "model",
+                                "--dtype", "float16", "--out", half)
+    assert status == 0, stderr
+    from safetensors.torch import load_file
+
+    got = load_file(half)
+    assert {t.dtype for t in got.values() if t.is_floating_point()} == {torch.float16}
+    want = mean_state([c["model"] for c in inputs])
+    assert all(torch.allclose(got[key].double(), t, atol=1e-3) for key, t in want.items() if t.is_floating_point())
 
 
 def test_files_in_shell_order_are_averaged_in_name_order(torchvision_run, tmp_path, capsys):

@@ -770,7 +770,8 @@ def add_average_args(avg: argparse.ArgumentParser) -> None:
                      help=f"exp: weight of the newest checkpoint (default {DEFAULT_ALPHA})")
     avg.add_argument("--weights", metavar="KEY", help="average only this model-weight entry (e.g. state_dict_ema); "
                      "default: every entry, each on its own")
-    avg.add_argument("--dtype", choices=sorted(DTYPES), help="cast the output (needed when a window mixes dtypes)")
+    avg.add_argument("--dtype", choices=sorted(DTYPES), help="cast the output (needed when a window mixes dtypes; "
+                     "a torch-file output keeps its pickle, so cast into .safetensors or with --trust-checkpoints)")
     avg.add_argument("--copy-training-state", action="store_true",
                      help="also copy the newest input's optimizer, scheduler and RNG state")
     avg.add_argument("--out", type=Path, required=True,

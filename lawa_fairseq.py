@@ -11,6 +11,8 @@ fairseq-validate builds them; the batches are collated once (the same size-sorte
 masked LMs, the same masks in every call); each evaluation is ``task.valid_step`` + ``task.reduce_metrics``,
 which gives the loss in bits that fairseq prints (all digits kept). This works for any fairseq task, masked or
 causal language modelling alike. fairseq is imported only when these functions are called.
+:func:`update_trajectory` reads a run saved every N updates (``checkpoint_{epoch}_{updates}.pt``) as a
+``lawa_trajectory.Trajectory`` by update count, filling the slots fairseq names ``checkpoint{epoch}.pt``.
 
 Checkpoints are loaded safely: ``bert/lawa_plugin`` registers the few harmless classes fairseq checkpoints
 hold, so fairseq's own ``torch.load`` keeps ``weights_only=True``; ``trust=True`` lifts that for one load.

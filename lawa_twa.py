@@ -98,17 +98,29 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def param_names(model: torch.nn.Module) -> list[str]:
-    """The trainable parameters TWA flattens, in ``named_parameters`` order (tied weights once, no buffers)."""
+    """The trainable parameters TWA flattens, in ``named_parameters`` order (tied weights once, no buffers).
+
+        >>> param_names(torch.nn.Linear(3, 2))
+        ['weight', 'bias']
+    """
     return [name for name, p in _unwrap(model).named_parameters() if p.requires_grad]
 
 
 def flatten_params(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    """The parameters ``names`` of a state dict as one float32 vector (a row of W)."""
+    """The parameters ``names`` of a state dict as one float32 vector (a row of W).
+
+        >>> flatten_params(model.state_dict(), param_names(model)).shape      # doctest: +SKIP
+        torch.Size([8])
+    """
     return torch.cat([state[n].reshape(-1).float() for n in names])
 
 
 def twa_epochs(checkpoints: Mapping[int, Any], spec: str | tuple[int, int]) -> list[int]:
-    """Epochs a … b (inclusive, like every window here) from ``"a:b"``; all must be in ``checkpoints``."""
+    """Epochs a … b (inclusive, like every window here) from ``"a:b"``; all must be in ``checkpoints``.
+
+        >>> twa_epochs({e: f"checkpoint{e}.pt" for e in range(1, 11)}, "8:10")
+        [8, 9, 10]
+    """
     if not checkpoints:
         raise LawaError("no checkpoints given")
     if isinstance(spec, str):
@@ -128,7 +140,11 @@ def twa_epochs(checkpoints: Mapping[int, Any], spec: str | tuple[int, int]) -> l
 
 
 def row_block(n: int, rank: int, world_size: int) -> range:
-    """The rows of W (and P) that process ``rank`` of ``world_size`` holds: a contiguous, near-equal block."""
+    """The rows of W (and P) that process ``rank`` of ``world_size`` holds: a contiguous, near-equal block.
+
+        >>> row_block(5, 1, 2)
+        range(2, 5)
+    """
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 

@@ -35,7 +35,10 @@ and ``MASTER_PORT``) the cells are sharded: rank r takes a contiguous block of e
 balanced by number of cells, and reads only the checkpoints its windows need. Each rank appends its cells to
 ``<out>.part<r>``; when all are done rank 0 merges the part files into ``out`` (whole rows, each row once,
 then the part file is removed). A rerun after a kill first merges the part files left behind, so it computes
-only the cells still missing. The averages are computed exactly as in one process: same values.
+only the cells still missing. The averages are computed exactly as in one process: same values. Across nodes,
+the run directory and ``out``'s directory must be on a filesystem every rank sees. ``LAWA_DIST_TIMEOUT``
+(seconds, default 1800) bounds the rendezvous and the final wait for the slowest rank when the sweep starts the
+process group itself; a timed-out wait loses nothing, the rerun merges the part files.
 
 Scripts share one flag dialect: :func:`add_sweep_args` and :func:`methods_from_args`.
 """
@@ -644,7 +647,7 @@ def sweep(
             return None
         results = _run_rows(lu.read_results(out), optimizer, seed, unit)
         if todo:
-            _print_summary(results, labels, summary or (metrics[0] if metrics else None), optimizer, seed, unit)
+            _print_summary(results, trajectory, labels, summary or (metrics[0] if metrics else None), optimizer, seed)
         return results
     finally:
         if owned:
@@ -681,17 +684,23 @@ def _evaluate_cells(trajectory, methods, baseline, evaluate, target: Path, ends:
               file=sys.stderr)
 
 
-def _print_summary(results, labels: list[str], metric: str | None, optimizer: str, seed: int | None, unit: str):
+def _print_summary(results, trajectory, labels: list[str], metric: str | None, optimizer: str, seed: int | None):
     rows = results[results["method"].isin(labels)]
+    position_of = {trajectory.completed(p): p for p in trajectory.positions}
+
+    def swa_start(epoch: int, k: int) -> int:  # the position of the window's oldest checkpoint, in the names' numbers
+        return trajectory.positions[trajectory.index(position_of[epoch]) - k]
+
     if rows.empty:
         return
     if metric is None:
         metric = f"{rows['split'].iloc[0]}_{rows['metric'].iloc[0]}"
     split, _, name = metric.partition("_")
     for label in [lb for lb in labels if lb != BASELINE] or [BASELINE]:
-        table = summary_table(rows, label, optimizer=optimizer, seed=seed, split=split, metric=name)
+        table = summary_table(rows, label, optimizer=optimizer, seed=seed, split=split, metric=name,
+                              swa_start=swa_start)
         if not table.empty:
-            print(f"{metric} by end {unit} ({label} and the baseline):")
+            print(f"{metric} by end {trajectory.unit} ({label} and the baseline):")
             print(table.round(4).to_string())
 
 
@@ -1026,17 +1035,22 @@ def iter_runs_cells(runs: Iterable[argparse.Namespace], *args: Any, **kwargs: An
         yield from iter_sweep_cells(run, *args, **kwargs)
 
 
-def summary_table(results, label: str, *, optimizer: str, seed: int | None, split: str, metric: str):
+def summary_table(results, label: str, *, optimizer: str, seed: int | None, split: str, metric: str,
+                  swa_start: Callable[[int, int], int] | None = None):
     """A sweep's summary, from its tidy results (a DataFrame, ``lawa_utils.read_results``): ``split``'s
-    ``metric`` for each end epoch E (rows), for the baseline and each curve of ``label`` (columns: a k; for
-    SWA a start s = E − k + 1, whose k grows with E; for a step-indexed run that start is in checkpoints)."""
+    ``metric`` for each end (rows), for the baseline and each curve of ``label`` (columns: a k; for SWA a start
+    s, whose k grows with E: ``swa_start(epoch, k)``, by default E − k + 1 as in a run saved every epoch)."""
+    import pandas as pd
+
     seeds = results["seed"].isna() if seed is None else (results["seed"] == seed).fillna(False)
     rows = results[(results["optimizer"].astype(str) == optimizer) & seeds
                    & (results["split"] == split) & (results["metric"] == metric)
                    & results["method"].isin(["baseline", label])]
     swa = rows["method"] == "swa"  # an SWA curve is a start s; its k grows with E
-    number = rows["k"].where(~swa, rows["epoch"] - rows["k"] + 1).astype(str)
+    start = swa_start or (lambda epoch, k: epoch - k + 1)
+    starts = [start(int(e), int(k)) if is_swa else int(k) for e, k, is_swa in zip(rows["epoch"], rows["k"], swa,
+                                                                                      strict=True)]
+    number = pd.Series(starts, index=rows.index, dtype="int64").astype(str)
     rows = rows.assign(curve=("k=" + number).where(~swa, "s=" + number))
     table = rows.pivot_table(index="epoch", columns=["method", "curve"], values="value", aggfunc="last")
     return table[sorted(table.columns, key=lambda c: (c[0] != "baseline", c[0], int(c[1][2:])))]  # k=2 < k=10
-

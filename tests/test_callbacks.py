@@ -34,6 +34,15 @@ K = 3
 EPOCHS = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread, as in the torchrun workers: two threads per process oversubscribe 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _assert_states_equal(a: dict, b: dict, keys=None) -> None:
     for name in keys if keys is not None else a:
         assert a[name].dtype == b[name].dtype, name
@@ -75,7 +84,7 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _hf_trainer(out: Path, *, stop_after_epoch: int | None = None, **lawa):
+def _hf_trainer(out: Path, *, stop_after_epoch: int | None = None, batch_size: int = 8, **lawa):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
     from lawa_callbacks import LawaTrainerCallback
@@ -86,9 +95,11 @@ def _hf_trainer(out: Path, *, stop_after_epoch: int | None = None, **lawa):
                 control.should_training_stop = True
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                                  bos_token_id=0, eos_token_id=0))
     args = TrainingArguments(
-        output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=8,
         learning_rate=5e-3, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
         report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
@@ -119,8 +130,8 @@ def test_hf_trainer_resume_is_bit_identical_and_logs_eval_lawa(tmp_path):
     assert len(_checkpoints(tmp_path / "b")) == 2
     # Without its state file a resumed run refuses to start rather than silently restart the window.
     shutil.copytree(tmp_path / "b", tmp_path / "c")
-    (tmp_path / "c" / "checkpoint-8" / "lawa_state.safetensors").unlink()
-    with pytest.raises(LawaError, match="resuming at step 8 but .*c/checkpoint-8/lawa_state.safetensors"):
+    (tmp_path / "c" / "checkpoint-4" / "lawa_state.safetensors").unlink()
+    with pytest.raises(LawaError, match="resuming at step 4 but .*c/checkpoint-4/lawa_state.safetensors"):
         _hf_trainer(tmp_path / "c")[0].train(resume_from_checkpoint=True)
     resumed, resumed_lawa = _hf_trainer(tmp_path / "b")
     resumed.train(resume_from_checkpoint=True)
@@ -143,7 +154,7 @@ def test_hf_trainer_resume_is_bit_identical_and_logs_eval_lawa(tmp_path):
 
 
 def _hf_worker(out: Path) -> None:
-    trainer, lawa = _hf_trainer(out, shard=True, every_n_steps=2)  # 2 steps per epoch and rank
+    trainer, lawa = _hf_trainer(out, shard=True, every_n_steps=2, batch_size=4)  # 2 steps per epoch and rank
     trainer.train()
     assert lawa.scheduler.count == 2 * EPOCHS and lawa.scheduler.num_snapshots == EPOCHS
     averaged = lawa.scheduler.averaged_state_dict()  # a collective: every rank gets whole tensors

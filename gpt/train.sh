@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPT-2-style language-model pre-training with fairseq-train, a checkpoint every SAVE_EVERY updates, all kept
-# (checkpoint_{epoch}_{updates}.pt): the trajectory gpt/evaluate.py averages (Sanyal et al., 2024, "Early Weight
+# (checkpoint_{epoch}_{updates}.pt): the trajectory gpt/evaluate_lawa.py averages (Sanyal et al., 2024, "Early Weight
 # Averaging meets High Learning Rates for LLM Pre-training").
 #
 #   bash gpt/train.sh                                      # PRESET=tiny: 2-layer GPT on the embedded PTB, CPU
@@ -24,7 +24,7 @@
 # EMA: fairseq's own --store-ema is NOT used. In fairseq-fixed 0.12.3.1 it corrupts a transformer_lm: its EMA
 # step skips the "decoder.version" key and reloads the EMA weights with load_state_dict, whose upgrade path
 # then takes the model for a pre-2019 checkpoint and deletes the final LayerNorm (decoder.layer_norm); and the
-# tied embedding, present under two keys, is decayed twice per step (d² instead of d). gpt/evaluate.py computes
+# tied embedding, present under two keys, is decayed twice per step (d² instead of d). gpt/evaluate_lawa.py computes
 # the EMA of the saved checkpoints instead (gpt/README.md, "EMA").
 #
 # Writes to SAVE_DIR: checkpoint_{epoch}_{updates}.pt (and checkpoint{epoch}.pt at an epoch's end, which holds

@@ -99,8 +99,8 @@ def trainer_breakdown(stats: pstats.Stats, wall: float) -> dict[str, float]:
 
 def sweep_breakdown(stats: pstats.Stats, wall: float) -> dict[str, float]:
     sweep = cumulative(stats, find(stats, "imagenet/evaluate_lawa.py", "sweep"))
-    reads = cumulative(stats, find(stats, "lawa_utils.py", "load_checkpoint"))
-    cells = cumulative(stats, find(stats, "lawa_methods.py", "iter_sweep_cells"))
+    reads = cumulative(stats, find(stats, "lawa_utils.py", "load_model_state"))
+    cells = cumulative(stats, find(stats, "lawa_sweep.py", "_iter_cells"))
     parts = {
         "set-up: imports": stats.total_tt - sweep,  # type: ignore[attr-defined]
         "set-up: data + model": cumulative(stats, find(stats, "imagenet/common.py", "build_datasets"))
@@ -110,7 +110,7 @@ def sweep_breakdown(stats: pstats.Stats, wall: float) -> dict[str, float]:
         "load_state_dict": cumulative(stats, find(stats, "torch/nn/modules/module.py", "load_state_dict")),
         "BatchNorm recompute": cumulative(stats, find(stats, "lawa_utils.py", "recompute_bn")),
         "evaluation (val + train sample)": cumulative(stats, find(stats, "imagenet/common.py", "evaluate")),
-        "writing results": cumulative(stats, find(stats, "lawa_utils.py", "append_rows")),
+        "writing results": cumulative(stats, find(stats, "lawa_tidy.py", "append_rows")),
     }
     parts["rest (unprofiled: interpreter start, cProfile, summary)"] = wall - sum(parts.values())
     return parts

@@ -4,7 +4,7 @@ Lightning. Bit-identical resume after a stop at epoch 2 of 4, the LAWA metrics i
 that keep the live weights, the averaged model written at the end, and a 2-process DDP run of each (torchrun,
 gloo, 127.0.0.1, shard=True).
 
-This file is also the torchrun worker of the DDP tests: ``python tests/test_callbacks.py hf|lightning OUT``."""
+This file is also the torchrun worker of the DDP tests: ``python tests/test_callbacks.py both OUT``."""
 
 from __future__ import annotations
 
@@ -162,8 +162,18 @@ def _hf_worker(out: Path) -> None:
     torch.save({"average": averaged, "sum_bytes": held}, out / f"rank{trainer.args.process_index}.pt")
 
 
-def test_hf_trainer_ddp_two_processes_sharded_step_snapshots(tmp_path):
-    _torchrun("hf", tmp_path)
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One 2-process torchrun that trains with each callback in turn (process start-up and imports paid once)."""
+    out = tmp_path_factory.mktemp("ddp")
+    (out / "hf").mkdir()
+    (out / "lightning").mkdir()
+    _torchrun("both", out)
+    return out
+
+
+def test_hf_trainer_ddp_two_processes_sharded_step_snapshots(ddp_runs):
+    tmp_path = ddp_runs / "hf"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     _assert_states_equal(ranks[0]["average"], ranks[1]["average"])
     files = [load_file(c / "model.safetensors") for c in _checkpoints(tmp_path)]
@@ -301,8 +311,8 @@ def _lightning_worker(out: Path) -> None:
                out / f"rank{trainer.global_rank}.pt")
 
 
-def test_lightning_ddp_two_processes_sharded(tmp_path):
-    _torchrun("lightning", tmp_path)
+def test_lightning_ddp_two_processes_sharded(ddp_runs):
+    tmp_path = ddp_runs / "lightning"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     _assert_states_equal(ranks[0]["average"], ranks[1]["average"])
     assert "val_lawa_loss" in ranks[0]["metrics"]
@@ -323,5 +333,6 @@ def test_importing_lawa_callbacks_needs_neither_framework():
 
 if __name__ == "__main__":  # a torchrun worker of the DDP tests
     torch.set_num_threads(1)
-    kind, out_dir = sys.argv[1], Path(sys.argv[2])
-    (_hf_worker if kind == "hf" else _lightning_worker)(out_dir)
+    out_dir = Path(sys.argv[2])
+    _hf_worker(out_dir / "hf")  # accelerate starts the process group; Lightning's DDP strategy then reuses it
+    _lightning_worker(out_dir / "lightning")

@@ -39,6 +39,7 @@ two of the largest tensor, whatever the model size and k (DCP outputs hold the a
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import contextlib
 import glob
@@ -243,6 +244,11 @@ class InertUnpickler(pickle.Unpickler):
         self._placeholders: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles (torch.save's) name builtins as Python 2 did (__builtin__.set): map as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[module, name]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if (module, name) in _REBUILDERS:
             return _REBUILDERS[module, name]
         if module == "torch" and name.endswith("Storage"):
@@ -361,6 +367,7 @@ class CheckpointReader:
     path: Path
     layout: str
     container: str
+    placeholders: Sequence[str] = ()  # globals a pickle named that were kept inert (TorchZipReader fills it)
 
     def entries(self) -> list[str]:
         return [MAIN]
@@ -902,17 +909,19 @@ class _Averager:
         return acc if acc.dtype == out_dtype else acc.to(out_dtype)
 
 
-def _part_name(path: Path) -> Path:
-    """The temporary beside ``path`` that a writer builds its output under (``.NAME.partPID``)."""
-    return path.with_name(f".{path.name}.part{os.getpid()}")
+def _part_name(path: Path, *, directory: bool = True) -> Path:
+    """The temporary beside ``path`` that a writer builds its output under: ``.NAME.partPID`` for a directory,
+    ``.NAME.tmpPID`` for a file (the name ``lawa_tidy.atomic_write`` uses, so either cleans up after the other)."""
+    return path.with_name(f".{path.name}.{'part' if directory else 'tmp'}{os.getpid()}")
 
 
 def _remove_stale_parts(path: Path) -> None:
     """Delete temporaries of ``path`` left by writers that were killed (their pid no longer runs)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.part*"):
-        pid = tmp.name.rsplit(".part", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+    for kind in ("part", "tmp"):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.{kind}*"):
+            pid = tmp.name.rsplit(f".{kind}", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                _remove(tmp)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -989,12 +998,6 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _archive_prefix(path: Path) -> str:
-    with zipfile.ZipFile(path) as z:
-        first = z.namelist()[0]
-    return first.split("/", 1)[0]
-
-
 def _write_zip(reader: TorchZipReader, path: Path, targets: Mapping[str, Callable[[str], torch.Tensor]],
                out_dtypes: Mapping[str, Mapping[str, torch.dtype]], extra: Mapping[str, bytes]) -> int:
     """Write ``reader``'s file again with every record byte for byte, except the storages of the tensors in
@@ -1013,35 +1016,41 @@ def _write_zip(reader: TorchZipReader, path: Path, targets: Mapping[str, Callabl
                     raise LawaError(f"{reader.path} stores '{raw}' as {ref.dtype}; dtype={want} would need its pickle "
                                     "rewritten: write a .safetensors output, or pass trust=True (--trust-checkpoints)")
                 by_storage.setdefault(ref.key, []).append((ref, e, raw))
-    # a tiny tmp directory holds the file so that the archive keeps the input's name prefix
-    work = path.parent / f"{path.name}.d"
-    work.mkdir()
-    file = work / (_archive_prefix(reader.path) + ".tmp")
     written = 0
-    try:
-        w = torch._C.PyTorchFileWriter(str(file))
-        version = reader.zip.get_record("version").decode().strip() if reader.zip.has_record("version") else ""
-        if version.isdigit():
-            w.set_min_version(int(version))
-        mapped = torch.UntypedStorage.from_file(str(reader.path), False, reader.path.stat().st_size)
-        for name in reader.zip.get_all_records():
-            if name in ("version", ".data/version", ".data/serialization_id") or name in extra:
-                continue  # the writer writes the first three itself; an earlier average's provenance is replaced
-            size = reader.zip.get_record_size(name)
-            key = name[5:] if name.startswith("data/") else None
-            if key in by_storage:
-                written += _write_storage(w, reader, mapped, name, size, by_storage[key], targets)
-                continue
-            offset = reader.zip.get_record_offset(name)
-            w.write_record(name, mapped[offset : offset + size] if size else b"", size)
-            written += size
-        for name, data in extra.items():
-            w.write_record(name, data, len(data))
-        w.write_end_of_file()
-        del w
-        os.replace(file, path)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    # through a file object, as torch.save(obj, f) writes: the archive's name prefix is then "archive"
+    with open(path, "wb") as f:
+        w = torch._C.PyTorchFileWriter(f)
+        try:
+            written = _copy_records(w, reader, by_storage, targets, extra)
+        finally:
+            # the writer must finish while the file is open, also on failure (the temporary is deleted then):
+            # its destructor would otherwise write to a closed file and abort the process
+            w.write_end_of_file()
+            del w
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def _copy_records(w, reader: TorchZipReader, by_storage, targets, extra: Mapping[str, bytes]) -> int:
+    written = 0
+    version = reader.zip.get_record("version").decode().strip() if reader.zip.has_record("version") else ""
+    if version.isdigit():
+        w.set_min_version(int(version))
+    mapped = torch.UntypedStorage.from_file(str(reader.path), False, reader.path.stat().st_size)
+    for name in reader.zip.get_all_records():
+        if name in ("version", ".data/version", ".data/serialization_id") or name in extra:
+            continue  # the writer writes the first three itself; an earlier average's provenance is replaced
+        size = reader.zip.get_record_size(name)
+        key = name[5:] if name.startswith("data/") else None
+        if key in by_storage:
+            written += _write_storage(w, reader, mapped, name, size, by_storage[key], targets)
+            continue
+        offset = reader.zip.get_record_offset(name)
+        w.write_record(name, mapped[offset : offset + size] if size else b"", size)
+        written += size
+    for name, data in extra.items():
+        w.write_record(name, data, len(data))
     return written
 
 
@@ -1170,6 +1179,10 @@ def _prepare(readers, weights, out: Path, entries, dtype, force: bool, provenanc
         if others:
             report["kept"] += others
             report["notes"].append(f"copied from the newest input: {', '.join(others)} (not model weights)")
+    inert = newest.placeholders
+    if inert:
+        report["notes"].append(f"kept as stored, never unpickled: {', '.join(inert[:5])}"
+                               + (f" and {len(inert) - 5} more" if len(inert) > 5 else ""))
     lawa = {"files": report["files"], "weights": report["weights"], "entries": names, **(provenance or {})}
     return _Job(readers, out, names, plans, avg, report, lawa)
 
@@ -1178,7 +1191,8 @@ def _write_local(job: _Job, force: bool, copy_training_state: bool) -> int:
     """Write the average in one process, under a temporary beside ``out``, and rename it into place."""
     newest, out, names, plans, avg, lawa = job.newest, job.out, job.names, job.plans, job.avg, job.lawa
     _remove_stale_parts(out)
-    tmp = result = _part_name(out)
+    directory = isinstance(newest, (HFReader, DCPReader)) and not out.name.endswith(".safetensors")
+    tmp = _part_name(out, directory=directory)
     try:
         if out.name.endswith(".safetensors") or isinstance(newest, SafetensorsReader):
             written = _average_to_safetensors(newest, out, tmp, names, plans, avg, lawa)
@@ -1191,12 +1205,10 @@ def _write_local(job: _Job, force: bool, copy_training_state: bool) -> int:
             targets = {newest._key_of(e): (lambda raw, e=e: avg(e, raw[len(newest._prefix[newest._key_of(e)]):]))
                        for e in names}
             out_dtypes = {newest._key_of(e): {newest.raw_key(k, e): d for k, (_, d) in plans[e].items()} for e in names}
-            tmp.mkdir()  # the file is built inside, under the name that gives its archive the input's prefix
-            result = tmp / "out"
-            written = _write_zip(newest, result, targets, out_dtypes, {".data/lawa.json": json.dumps(lawa).encode()})
+            written = _write_zip(newest, tmp, targets, out_dtypes, {".data/lawa.json": json.dumps(lawa).encode()})
         else:
             written = _average_object(newest, tmp, names, avg, lawa)
-        _publish(result, out, force=force)
+        _publish(tmp, out, force=force)
     finally:
         _remove(tmp)
     return written

@@ -103,9 +103,13 @@ def test_lightning_hparams_with_paths_omegaconf_and_dataclasses_average_without_
     assert report["entries"] == ["state_dict"] and report["bytes_read"] > 0 and report["seconds"] >= 0
     # the pickle and every record that is not an averaged storage are the newest input's, byte for byte
     with zipfile.ZipFile(files[-1]) as a, zipfile.ZipFile(tmp_path / "avg.ckpt") as b:
-        prefix = a.namelist()[0].split("/")[0]
-        assert b.namelist()[0].startswith(prefix + "/")
-        assert a.read(f"{prefix}/data.pkl") == b.read(f"{prefix}/data.pkl")
+        records = [{n.split("/", 1)[1]: z.read(n) for n in z.namelist()} for z in (a, b)]
+    changed = sorted(n for n in records[0] if records[0][n] != records[1].get(n))
+    assert "data.pkl" in records[0] and records[1]["data.pkl"] == records[0]["data.pkl"]
+    # only the averaged float tensors' storages (3 of the 4 model tensors; the step counter is integer) and the
+    # archive's content hash differ; the optimizer state's storage and everything else is the newest's
+    assert len([n for n in changed if n.startswith("data/")]) == 3 and set(changed) - {".data/serialization_id"} <= {
+        n for n in changed if n.startswith("data/")}
     states = [{k: v for k, v in lightning_like(s)["state_dict"].items()} for s in range(3)]
     assert_close(lu.load_model_state(tmp_path / "avg.ckpt"), fp64_average(states))
     # the trusted load (what Lightning itself does) still sees every object as it was

@@ -417,11 +417,17 @@ class _TreeReader(CheckpointReader):
         self.path, self.tree, self.container = path, tree, container
         self.layout, self._entry_keys = _layout_entries(tree, str(path))
         self._prefix = {}
-        for e in self._entry_keys:
+        for e in [*self._entry_keys, *self.other_weights()]:
             self._prefix[e] = _wrapper_prefix(list(self._dict(e)))
 
     def _dict(self, entry_key: str) -> Mapping[str, Any]:
         return self.tree if entry_key == "" else self.tree[entry_key]
+
+    def _entry(self, entry: str | None) -> str:
+        # any other top-level dict of tensors (an EMA under a name no layout uses) may be named explicitly
+        if entry is not None and entry in self.other_weights():
+            return entry
+        return super()._entry(entry)
 
     def entries(self) -> list[str]:
         return [MAIN if e == "" else e for e in self._entry_keys]
@@ -456,7 +462,7 @@ class _TreeReader(CheckpointReader):
         """Top-level dicts of tensors that are not entries (optimizer state and the like), for reports."""
         if self.layout == "plain" or not isinstance(self.tree, Mapping):
             return []
-        return [str(k) for k, v in self.tree.items() if _is_weights(v) and k not in self._entry_keys]
+        return [k for k, v in self.tree.items() if isinstance(k, str) and _is_weights(v) and k not in self._entry_keys]
 
 
 class TorchZipReader(_TreeReader):
@@ -1175,10 +1181,11 @@ def _prepare(readers, weights, out: Path, entries, dtype, force: bool, provenanc
         report["kept"] += skipped
         report["notes"].append(f"not averaged, copied from {newest.path.name}: {', '.join(skipped)}")
     if isinstance(newest, _TreeReader):
-        others = newest.other_weights()
+        others = [o for o in newest.other_weights() if o not in names]
         if others:
             report["kept"] += others
-            report["notes"].append(f"copied from the newest input: {', '.join(others)} (not model weights)")
+            report["notes"].append(f"copied from {newest.path.name}, not averaged: {', '.join(others)} (dicts of "
+                                   "tensors outside the weights entries; name one in entries=[...] to average it)")
     inert = newest.placeholders
     if inert:
         report["notes"].append(f"kept as stored, never unpickled: {', '.join(inert[:5])}"

@@ -241,6 +241,16 @@ def test_torch_files_of_every_layout_average_each_entry_against_an_independent_a
     assert_close(lu.load_model_state(tmp_path / "ema-only.pth.tar"), model_state(2))
     with pytest.raises(LawaError, match="no weights entry 'ema'"):
         lawa_io.average_checkpoints(readers, None, tmp_path / "x.pt", entries=["ema"])
+    # a dict of weights under a name no layout uses is reported as copied, and can be named to be averaged
+    for s in range(2):
+        torch.save({"state_dict": model_state(s), "ema_weights": model_state(s + 10)}, tmp_path / f"odd{s}.pt")
+    readers = [lawa_io.open_checkpoint(tmp_path / f"odd{s}.pt") for s in range(2)]
+    report = lawa_io.average_checkpoints(readers, None, tmp_path / "odd.pt")
+    assert report["kept"] == ["ema_weights"] and any("not averaged: ema_weights" in n for n in report["notes"])
+    report = lawa_io.average_checkpoints(readers, None, tmp_path / "odd-both.pt", entries=["state_dict", "ema_weights"])
+    assert report["kept"] == []
+    assert_close(lu.load_model_state(tmp_path / "odd-both.pt", entry="ema_weights"),
+                 fp64_average([model_state(10), model_state(11)]))
 
 
 def test_hf_directories_keep_shards_index_tied_weights_and_load_with_from_pretrained(tmp_path):

@@ -381,20 +381,3 @@ def iter_method_averages(
             raise LawaError("ewa needs window sizes k")
         return iter_ewa_averages(checkpoints, ks, spacing, ends, blocks=blocks, **common)
     raise LawaError(f"unknown averaging method '{method}' (choose {', '.join(METHODS)})")
-
-
-# --------------------------------------------------------------------------------------------------
-# The sweep scripts' flags live in lawa_sweep; these names resolve there on first use
-# --------------------------------------------------------------------------------------------------
-
-_MOVED_TO_SWEEP = ("CLI_METHODS", "DEFAULT_KS", "METHOD_FLAGS", "add_method_args", "csv_method", "iter_runs_cells",
-                   "iter_sweep_cells", "method_options", "parse_ks", "parse_list", "split_methods", "summary_table")
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: lawa_sweep imports this module, so importing it at the top would be circular.
-    if name in _MOVED_TO_SWEEP:
-        import lawa_sweep
-
-        return getattr(lawa_sweep, name)
-    raise AttributeError(f"module 'lawa_methods' has no attribute {name!r}")

@@ -78,21 +78,14 @@ __all__ = [
     "Lawa",
     "MethodSpec",
     "Swa",
-    "add_method_args",
     "add_sweep_args",
-    "csv_method",
     "done_cells",
-    "iter_runs_cells",
-    "iter_sweep_cells",
     "merge_part_files",
-    "method_options",
     "methods_from_args",
     "parse_ends",
     "parse_ks",
-    "parse_list",
     "plan_cells",
     "shard_ends",
-    "split_methods",
     "summary_table",
     "sweep",
 ]
@@ -855,6 +848,17 @@ def _check_starts(specs: Sequence[MethodSpec], trajectory: Any) -> None:
                 trajectory.index(s)
 
 
+def parse_ks(text: str) -> list[int]:
+    """``--ks``: distinct window sizes k ≥ 2, sorted (k=1 is the plain checkpoint: the baseline rows)."""
+    try:
+        ks = sorted({int(k) for k in str(text).split(",")})
+    except ValueError:
+        raise LawaError(f"--ks must be comma-separated integers such as 2,4,6, got '{text}'") from None
+    if ks[0] < 2:
+        raise LawaError(f"--ks must be ≥ 2 (k=1 is the plain checkpoint: the baseline rows), got '{text}'")
+    return ks
+
+
 def parse_ends(text: str | None, trajectory: Any) -> list[int] | None:
     """``--epochs``: end positions from ``'A:B'``, ``'A:B:STEP'`` (inclusive) or ``'E'``; None: all.
 
@@ -891,148 +895,8 @@ def parse_ends(text: str | None, trajectory: Any) -> list[int] | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Namespace-based helpers of the experiment sweeps (kept while imagenet/ and bert/ call them)
+# The summary a sweep prints
 # --------------------------------------------------------------------------------------------------
-
-
-def add_method_args(parser: argparse.ArgumentParser, default_ks: str = DEFAULT_KS) -> None:
-    """Add ``--method uni|exp|ema|swa|ewa`` and its flags (``--ks``, ``--alpha``, ``--decays``,
-    ``--swa-starts``, ``--spacing``, ``--ewa-blocks``) to a sweep script's parser; :func:`method_options`
-    turns the parsed flags into ``lawa_methods.iter_method_averages``' keywords. ``--ks`` defaults to
-    ``default_ks`` (kept as ``args.default_ks``) for the methods that take it."""
-    parser.add_argument("--method", default="uni", metavar="M[,M…]",
-                        help="uni: LAWA's uniform average (default); exp: the paper's Appendix C exponential "
-                        "weights; ema: exponential moving average; swa: the mean from a start epoch; ewa: "
-                        "LAWA over checkpoints spaced s epochs apart. Several, comma-separated, are swept in "
-                        "one process (one set-up; each method's flags apply to it alone)")
-    parser.add_argument("--ks", default=None, help=f"uni, exp, ewa: window sizes k, comma-separated "
-                        f"(default: {default_ks})")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help=f"exp: weight of the newest checkpoint (default {lu.DEFAULT_ALPHA})")
-    parser.add_argument("--decays", default=None, metavar="D,...",
-                        help="ema: decays d per epoch, comma-separated, e.g. 0.5,0.75 (k column: 1/(1−d))")
-    parser.add_argument("--swa-starts", default=None, metavar="S,...",
-                        help="swa: start epochs s, comma-separated; the SWA point at E averages s..E")
-    parser.add_argument("--spacing", type=int, default=None, metavar="S",
-                        help="ewa: epochs between the averaged checkpoints (1 would be LAWA)")
-    parser.add_argument("--ewa-blocks", action="store_true",
-                        help="ewa: only the non-overlapping blocks of Sanyal et al.'s script, not every E")
-    parser.set_defaults(default_ks=default_ks)
-
-
-def parse_ks(text: str) -> list[int]:
-    """``--ks``: distinct window sizes k ≥ 2, sorted (k=1 is the plain checkpoint: the baseline rows)."""
-    try:
-        ks = sorted({int(k) for k in str(text).split(",")})
-    except ValueError:
-        raise LawaError(f"--ks must be comma-separated integers such as 2,4,6, got '{text}'") from None
-    if ks[0] < 2:
-        raise LawaError(f"--ks must be ≥ 2 (k=1 is the plain checkpoint: the baseline rows), got '{text}'")
-    return ks
-
-
-def parse_list(text: str | None, kind: Callable, flag: str, example: str, method: str) -> list:
-    """A comma-separated ``flag`` that ``--method method`` needs, each value converted by ``kind``."""
-    if text is None:
-        raise LawaError(f"--method {method} needs {flag}, e.g. {flag} {example}")
-    try:
-        return [kind(v) for v in text.split(",")]
-    except ValueError:
-        raise LawaError(f"{flag} must be comma-separated numbers such as {example}, got '{text}'") from None
-
-
-def method_options(args: argparse.Namespace) -> dict:
-    """``lawa_methods.iter_method_averages``' keywords for ``args.method`` (flags from :func:`add_method_args`):
-    a method's flags are required (or defaulted, ``--ks``), flags of other methods refused."""
-    for flag, methods in METHOD_FLAGS.items():
-        if getattr(args, flag) not in (None, False) and args.method not in methods:
-            raise LawaError(f"--{flag.replace('_', '-')} applies to --method {' or '.join(methods)}, "
-                            f"not {args.method}")
-    default_ks = getattr(args, "default_ks", DEFAULT_KS)
-    if args.method in ("uni", "exp"):
-        return {"ks": parse_ks(args.ks or default_ks), "alpha": lu.DEFAULT_ALPHA if args.alpha is None else args.alpha}
-    if args.method == "ema":
-        return {"decays": parse_list(args.decays, float, "--decays", "0.5,0.75", "ema")}
-    if args.method == "swa":
-        return {"starts": parse_list(args.swa_starts, int, "--swa-starts", "6", "swa")}
-    if args.spacing is None:
-        raise LawaError("--method ewa needs --spacing, e.g. --spacing 2")
-    return {"ks": parse_ks(args.ks or default_ks), "spacing": args.spacing, "blocks": args.ewa_blocks}
-
-
-def split_methods(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """``--method m1,m2,…`` → one namespace per method (in the order given, duplicates dropped), each with
-    only its own method flags (``method_options`` checked on each). A flag that none of the methods takes is
-    refused. The baseline cells go with one of them (uni's, where the baseline rides in LAWA's pass, else the
-    last); the others get ``no_baseline``."""
-    methods = list(dict.fromkeys(m.strip() for m in str(args.method).split(",")))
-    unknown = [m for m in methods if m not in CLI_METHODS]
-    if unknown or not methods:
-        raise LawaError(f"--method {args.method}: unknown method '{(unknown or [''])[0]}'; choose from "
-                        f"{', '.join(CLI_METHODS)} (several: comma-separated)")
-    for flag, owners in METHOD_FLAGS.items():
-        if getattr(args, flag) not in (None, False) and not set(methods) & set(owners):
-            raise LawaError(f"--{flag.replace('_', '-')} applies to --method {' or '.join(owners)}, "
-                            f"not {args.method}")
-    runs = []
-    for method in methods:
-        unset = {flag: False if flag == "ewa_blocks" else None  # as if not given: the flag is another's
-                 for flag, owners in METHOD_FLAGS.items() if method not in owners}
-        run = argparse.Namespace(**{**vars(args), **unset, "method": method})
-        method_options(run)
-        runs.append(run)
-    keeper = next((run for run in runs if run.method == "uni"), runs[-1])
-    for run in runs:
-        run.no_baseline = getattr(args, "no_baseline", False) or run is not keeper
-    return runs
-
-
-def csv_method(args: argparse.Namespace) -> str:
-    """The CSV's method column for ``args.method``: lawa, exp, ema, swa or ewa-s{spacing}."""
-    return lm.method_label(CLI_METHODS[args.method], spacing=args.spacing or 1)
-
-
-def iter_sweep_cells(
-    args: argparse.Namespace,
-    checkpoints: Mapping[int, Any],
-    ends: Iterable[int] | None,
-    done: Mapping[str, set[tuple[int, int]]],
-    *,
-    baseline_in_pass: bool = False,
-    load: Callable | None = None,
-) -> Iterator[tuple[str, int, int, dict[str, torch.Tensor]]]:
-    """``(CSV method, E, k, state)`` for every cell of a sweep script still to do: ``--method``'s averages
-    (every checkpoint read once) and then, unless ``args.no_baseline``, the baseline (k=1: the plain
-    checkpoints, CSV method ``baseline``) in a second pass over the checkpoints whose baseline cell is still
-    to do. ``args`` holds :func:`add_method_args`' flags, ``no_baseline`` and ``trust_checkpoints``.
-
-    ``done`` maps CSV method → (E, k) cells already in the results (``lawa_utils.done_cells``); they are
-    skipped. ``baseline_in_pass=True`` with ``--method uni`` takes the baseline's windows of one in the LAWA
-    pass instead (a uniform window of one is the checkpoint itself, bit for bit): every file is read once in
-    all, and cells come in order of E. ``load=lambda path: {}`` plans without reading: it validates every
-    window (a missing checkpoint is named) and counts the cells.
-    """
-    label, options = csv_method(args), method_options(args)
-    trust, baseline = args.trust_checkpoints, not args.no_baseline
-    skip_base = set(done.get("baseline", ()))
-    if baseline_in_pass and args.method == "uni" and baseline:
-        skip = {cell for cell in done.get(label, ()) if cell[1] > 1} | {cell for cell in skip_base if cell[1] == 1}
-        options = {**options, "ks": [1, *options["ks"]]}
-        cells = lm.iter_method_averages("lawa", checkpoints, ends=ends, trust=trust, skip=skip, load=load, **options)
-        yield from (("baseline" if k == 1 else label, end, k, state) for end, k, state in cells)
-        return
-    cells = lm.iter_method_averages(CLI_METHODS[args.method], checkpoints, ends=ends, trust=trust,
-                                    skip=done.get(label, ()), load=load, **options)
-    yield from ((label, end, k, state) for end, k, state in cells)
-    if baseline:
-        cells = lu.iter_window_averages(checkpoints, [1], ends, trust=trust, skip=skip_base, load=load)
-        yield from (("baseline", end, k, state) for end, k, state in cells)
-
-
-def iter_runs_cells(runs: Iterable[argparse.Namespace], *args: Any, **kwargs: Any):
-    """:func:`iter_sweep_cells` for each namespace of :func:`split_methods`, one method after another."""
-    for run in runs:
-        yield from iter_sweep_cells(run, *args, **kwargs)
 
 
 def summary_table(results, label: str, *, optimizer: str, seed: int | None, split: str, metric: str,

@@ -7,7 +7,8 @@ checkpoint is 1.5 GB, like the paper's 1.57 GB files, and an averager that reads
 of it). Then, interleaved, with the page cache ``cold`` and ``warm``:
 
 - ``single``: ``python -m lawa_utils average --dir RUN --end N --k K --out OUT`` (one process, no torchrun);
-- ``W=1``, ``W=2``: the same under ``torchrun --nproc-per-node W`` (rendezvous on 127.0.0.1, a free port).
+- ``W=1``, ``W=2``: the same CLI under ``torchrun --nproc-per-node W`` (rendezvous on 127.0.0.1, a free port),
+  each rank in a gloo process group (``python -m benchmarks.dcp_ranks rank-main average ...``).
 
 Per rank: peak RSS (the kernel's ``VmHWM`` of each worker, read from /proc every 10 ms: exact, since it only
 grows), bytes read from the disk (``read_bytes`` of /proc/PID/io) and the wall time of the whole command.
@@ -139,12 +140,30 @@ def _rank_of(pid: int) -> int | None:
 
 
 def command(variant: str, run: Path, end: int, k: int, out: Path) -> list[str]:
-    average = ["-m", "lawa_utils", "average", "--dir", str(run), "--end", str(end), "--k", str(k), "--out", str(out)]
+    flags = ["average", "--dir", str(run), "--end", str(end), "--k", str(k), "--out", str(out)]
     if variant == "single":
-        return [sys.executable, *average]
+        return [sys.executable, "-m", "lawa_utils", *flags]
     world = int(variant.removeprefix("W="))
+    # Each rank runs lawa_utils' CLI in a gloo group (rank_main): `-m lawa_utils` under torchrun does not join
+    # a process group itself, so every rank would average alone.
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--max-restarts=0", *average]
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "--max-restarts=0",
+            "-m", "benchmarks.dcp_ranks", "rank-main", *flags]
+
+
+def rank_main(argv: Sequence[str]) -> int:
+    """One torchrun worker: join the gloo group torchrun set up (127.0.0.1), then run ``lawa_utils`` ``argv``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import lawa_utils
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    try:
+        return lawa_utils.main(list(argv))
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(cmd: list[str], threads: int, timeout: float = 900.0) -> dict[str, Any]:
@@ -244,6 +263,9 @@ def cost_model(*, ranks: int = 64, fs_gbps: float = 32.0, reader_gbps: float = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rank-main"]:
+        return rank_main(argv[1:])
     p = common.parser(__doc__.split("\n\n")[0], repeats=2)
     p.add_argument("--k", type=int, default=4, help="checkpoints averaged")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="torchrun --nproc-per-node values")

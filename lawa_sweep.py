@@ -68,6 +68,7 @@ from lawa_trajectory import Trajectory, find_trajectory
 from lawa_utils import LawaError
 
 __all__ = [
+    "BASELINE",
     "CLI_METHODS",
     "DEFAULT_KS",
     "METHOD_FLAGS",

@@ -92,7 +92,6 @@ __all__ = [
 ]
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Method specs
 # --------------------------------------------------------------------------------------------------
@@ -102,7 +101,11 @@ Average = tuple[int, int, dict[str, torch.Tensor]]  # (end index, k, averaged st
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluation: ``label`` (the CSV's method), ``end`` (position of the window's newest checkpoint), ``k``."""
+    """One evaluation: ``label`` (the CSV's method), ``end`` (position of the window's newest checkpoint), ``k``.
+
+    >>> Cell("lawa", end=30, k=6)                   # the 6 latest checkpoints up to the one numbered 30
+    Cell(label='lawa', end=30, k=6)
+    """
 
     label: str
     end: int

@@ -228,8 +228,11 @@ def cost_model(*, ranks: int = 64, fs_gbps: float = 32.0, reader_gbps: float = 2
       1/W of the output plus one tensor being read;
     - *sweep by end blocks* (the distributed sweep): each rank takes ⌈N/W⌉ contiguous end positions and reads
       those checkpoints plus the ``k_max − 1`` before its first end, whole models;
-    - *sweep by tensor shares* (one-pass prefix sums, every rank 1/W of every tensor): each checkpoint read
-      once in total, N/W models' worth per rank; every window of every k then costs no further reads.
+    - *sweep by tensor shares* (every rank 1/W of every tensor, one pass over the trajectory): each checkpoint
+      read once in total, N/W models' worth per rank; every window of every k then costs no further reads.
+
+    Sweeps hold the last ``k_max`` checkpoints (their share) and a running sum: ``(k_max + 1)`` models per rank
+    by end blocks, ``(k_max + 1) / W`` by tensor shares.
     """
     scenarios = [
         # name, checkpoints, file GB, model GB (fp32 weights), largest tensor GB
@@ -241,10 +244,11 @@ def cost_model(*, ranks: int = 64, fs_gbps: float = 32.0, reader_gbps: float = 2
         for w in (1, ranks):
             bw = min(reader_gbps, fs_gbps / w)
             ends_per_rank = math.ceil(n / w)
-            strategies = [  # (name, GB read per rank, memory per rank where the streaming rule sets it)
+            strategies = [  # (name, GB read per rank, GB held per rank)
                 (f"one average, k = {k}", k * model_gb / w, model_gb / w + largest_gb),
-                (f"sweep by end blocks, k ≤ {k_max}", min(n, ends_per_rank + k_max - 1) * model_gb, float("nan")),
-                ("sweep by tensor shares (prefix sums)", n * model_gb / w, float("nan")),
+                (f"sweep by end blocks, k ≤ {k_max}", min(n, ends_per_rank + k_max - 1) * model_gb,
+                 (k_max + 1) * model_gb),
+                ("sweep by tensor shares", n * model_gb / w, (k_max + 1) * model_gb / w),
             ]
             for strategy, per_rank_gb, memory_gb in strategies:
                 rows.append({

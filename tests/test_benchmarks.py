@@ -170,4 +170,5 @@ def test_dcp_cost_model_matches_the_closed_forms():
     assert blocks["read per rank GB"] == pytest.approx((4 + 9) * roberta_model)  # ceil(200/64) ends + 9 before
     shares = rows[("70B par", 64, "sweep by tensor shares")]
     assert shares["read per rank GB"] == pytest.approx(50 * 280 / 64)
+    assert shares["memory per rank GB"] == pytest.approx(11 * 280 / 64)
     assert rows[("70B par", 1, "one average")]["read time s"] == pytest.approx(6 * 280 / 2.0)

@@ -400,13 +400,19 @@ class LawaScheduler:
             for name, e in self._entries.items()
         }
 
-    def _gather(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Whole tensors from every rank's slices (one all_gather per dtype); unsliced parts pass through."""
-        out = {name: t for name, t in parts.items() if not self._entries[name].sliced}
+    def _gather(self, parts: dict[str, Tensor], sink: Callable[[str, Tensor], None] | None = None) -> dict:
+        """Whole tensors from every rank's slices (one all_gather per dtype); unsliced parts pass through.
+
+        With ``sink``, each whole tensor is handed to ``sink(name, tensor)`` as soon as it is assembled and
+        nothing is kept (so swapping in holds the gathered slices and one tensor, not a second model)."""
+        out: dict[str, Tensor] = {}
+        sink = sink or out.__setitem__
         by_dtype: dict[torch.dtype, list[str]] = {}
         for name, e in self._entries.items():
             if e.sliced:
                 by_dtype.setdefault(parts[name].dtype, []).append(name)
+            else:
+                sink(name, parts[name])
         world = self._world
         for dtype, names in by_dtype.items():
             # Slices differ by at most one element between ranks: pad each to ceil(numel / W).
@@ -418,6 +424,7 @@ class LawaScheduler:
                 offset += width
             gathered = [torch.empty_like(buffer) for _ in range(world)]
             dist.all_gather(gathered, buffer, group=self._group)
+            del buffer
             offset = 0
             for name, width in zip(names, widths, strict=True):
                 e = self._entries[name]
@@ -425,7 +432,7 @@ class LawaScheduler:
                 pieces = [
                     gathered[r][offset:offset + (r + 1) * numel // world - r * numel // world] for r in range(world)
                 ]
-                out[name] = torch.cat(pieces).view(e.local_shape)
+                sink(name, torch.cat(pieces).view(e.local_shape))
                 offset += width
         return out
 
@@ -502,13 +509,25 @@ class LawaScheduler:
             raise RuntimeError("LawaScheduler.swapped_in(): the average is already swapped in")
         target = self._model if model is None else _unwrap(model)
         parts = self._average_local()
-        whole = self._gather(parts) if self.shard else parts
-        del parts
         with torch.no_grad():
             live = self._live(target, "LawaScheduler.swapped_in")
             saved = {name: live[name].to(self.device, copy=True) for name in self._entries}
-        self._write(target, whole, "LawaScheduler.swapped_in")
-        del whole  # held in the model now; the block runs with only `saved` beside the ring
+
+            def write(name: str, t: Tensor) -> None:
+                for n in (name, *self._entries[name].aliases):
+                    live[n].copy_(t)
+
+            try:
+                if self.shard:  # each whole tensor goes into the model as soon as it is gathered
+                    self._gather(parts, write)
+                else:
+                    for name, t in parts.items():
+                        write(name, t)
+            except BaseException:  # a failed gather must not leave the model half-averaged
+                for name, t in saved.items():
+                    write(name, t)
+                raise
+        del parts  # held in the model now; the block runs with only `saved` beside the ring
         self._swapped = True
         try:
             yield

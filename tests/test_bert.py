@@ -23,6 +23,7 @@ sys.path.insert(0, str(BERT))
 
 import evaluate_lawa  # noqa: E402  (bert/ is not a package: its scripts import each other by name)
 from log_to_csv import parse_fairseq_log  # noqa: E402
+from synthetic_trajectory import assert_matches_reference, write_fairseq_run  # noqa: E402
 
 import lawa_utils  # noqa: E402
 
@@ -206,10 +207,20 @@ def test_sweep_cell_equals_fairseq_validate_on_the_averaged_checkpoint(trained, 
 
     again = subprocess.run([sys.executable, BERT / "evaluate_lawa.py", "--ckpt-dir", trained, "--ks", "2",
                             "--out", out, "--train-batches", "2"], capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 0 and "already in" in again.stdout  # a rerun skips the cells done
+    assert again.returncode == 0 and "already in" in again.stderr  # a rerun skips the cells done
     assert len(lawa_utils.read_results(out)) == len(rows)
     record = json.loads((tmp_path / "results.args.json").read_text())  # the run that computed cells
     assert len(record) == 1 and record[0]["args"]["ks"] == "2" and "fairseq" in record[0]["versions"]
+
+
+def test_sweep_reproduces_the_reference_values_of_a_synthetic_trajectory(trained, ptb, tmp_path):
+    # Synthetic weights in this run's configuration; tests/data holds what the sweep computed on them before it
+    # was built on lawa_sweep.
+    run_dir = write_fairseq_run(tmp_path / "run", trained / "checkpoint1.pt", epochs=4)
+    evaluate_lawa.main([str(ptb), "--ckpt-dir", str(run_dir), "--method", "uni,ema,swa", "--ks", "2,3",
+                        "--decays", "0.5", "--swa-starts", "2", "--train-batches", "2", "--cpu",
+                        "--out", str(tmp_path / "results.csv")])
+    assert_matches_reference(lawa_utils.read_results(tmp_path / "results.csv"), "bert")
 
 
 def test_sweep_reads_paper_era_fp16_checkpoints_as_they_are(trained, tmp_path, ptb):
@@ -252,7 +263,7 @@ def test_sweep_errors_name_the_missing_checkpoints_or_data(trained, ptb, tmp_pat
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "has no checkpoint{E}.pt files" in error("--ckpt-dir", str(empty))
+    assert "has no checkpoints in a layout LAWA knows" in error("--ckpt-dir", str(empty))
 
     gap = tmp_path / "gap"
     gap.mkdir()
@@ -301,7 +312,7 @@ def test_method_sweeps_write_their_labels_and_an_ema_cell_equals_fairseq_validat
     (["--method", "uni", "--decays", "0.5"], "--decays applies to --method ema, not uni"),
     (["--method", "ema"], "--method ema needs --decays, e.g. --decays 0.5,0.75"),
     (["--method", "ewa", "--ks", "2"], "--method ewa needs --spacing"),
-    (["--method", "swa", "--swa-starts", "5"], "SWA start epoch 5 has no checkpoint (have 1..2)"),
+    (["--method", "swa", "--swa-starts", "5"], "checkpoint5.pt does not exist"),
 ])
 def test_bad_method_flags_are_refused_in_one_line(trained, tmp_path, capsys, flags, fragment):
     with pytest.raises(SystemExit) as exit_info:

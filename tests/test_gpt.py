@@ -24,6 +24,7 @@ sys.path.insert(0, str(GPT))
 
 import nanogpt_to_fairseq  # noqa: E402
 import plot as gpt_plot  # noqa: E402
+from synthetic_trajectory import assert_matches_reference, write_fairseq_run  # noqa: E402
 
 import lawa_fairseq  # noqa: E402
 import lawa_sweep  # noqa: E402
@@ -114,6 +115,15 @@ def test_sweep_cells_equal_fairseq_validate_on_the_averaged_checkpoints(trained,
 
     again = run([sys.executable, GPT / "evaluate_lawa.py", *argv])
     assert "already in" in again.stderr and len(lawa_utils.read_results(out)) == len(rows)  # a rerun skips them
+
+
+def test_sweep_reproduces_the_reference_values_of_a_synthetic_trajectory(trained, ptb, tmp_path):
+    # Synthetic weights every 4 updates in this run's configuration; tests/data holds what the sweep computed on
+    # them before it was built on lawa_sweep.
+    run_dir = write_fairseq_run(tmp_path / "run", trained / "checkpoint_1_4.pt", epochs=5, every_updates=4)
+    gpt_evaluate.main([str(ptb), "--ckpt-dir", str(run_dir), "--ks", "2,3", "--spacings", "1,2", "--ema-decays", "0.5",
+                       "--swa-starts", "8", "--cpu", "--out", str(tmp_path / "results.csv")])
+    assert_matches_reference(lawa_utils.read_results(tmp_path / "results.csv"), "gpt")
 
 
 def one_hot_run(folder: Path, updates: list[int], epoch_files: dict[int, int] | None = None) -> None:

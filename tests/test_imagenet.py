@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from synthetic_trajectory import assert_matches_reference, write_image_run
 
 import lawa_utils
 
@@ -139,7 +140,7 @@ def test_sweep_reads_the_published_format_and_skips_done_cells_on_rerun(trajecto
 
     before = (published / "results.csv").read_bytes()
     proc = run("evaluate_lawa.py", *SWEEP, "--ckpt-dir", str(published))
-    assert "already" in proc.stdout
+    assert "already" in proc.stderr
     assert (published / "results.csv").read_bytes() == before
 
 
@@ -190,6 +191,23 @@ def trainer():
     return load_script("main")
 
 
+def test_sweep_reproduces_the_reference_values_of_a_synthetic_trajectory(evaluate_lawa, tmp_path):
+    # Every method on checkpoints drawn from a seeded generator; tests/data holds what the sweep computed on
+    # them before it was built on lawa_sweep (same flags, one thread).
+    run_dir = write_image_run(tmp_path / "run", ARCH, epochs=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluate_lawa.main(["fashion-mnist", "--image-size", "16", "--train-subset", "256", "--val-subset", "128",
+                            "--ckpt-dir", str(run_dir), "--method", "uni,exp,ema,swa,ewa", "--ks", "2,3",
+                            "--decays", "0.5", "--swa-starts", "2", "--spacing", "2", "--bn-batches", "2",
+                            "--train-eval-subset", "0", "-b", "32", "--eval-batch-size", "64", "-j", "0",
+                            "--out", str(tmp_path / "results.csv")])
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches_reference(lawa_utils.read_results(tmp_path / "results.csv"), "imagenet")
+
+
 def one_line_error(capsys, entry, argv, *fragments):
     with pytest.raises(SystemExit) as exit_info:
         entry(argv)
@@ -201,10 +219,10 @@ def one_line_error(capsys, entry, argv, *fragments):
 
 
 def test_a_checkpoint_missing_inside_a_window_is_named(published, tmp_path, capsys, evaluate_lawa):
-    for epoch in (1, 3):
-        (tmp_path / f"checkpoint{epoch}.pt").symlink_to(published / f"checkpoint{epoch}.pt")
+    for epoch, source in ((1, 1), (2, 2), (4, 3)):  # saved every epoch, but for epoch 3
+        (tmp_path / f"checkpoint{epoch}.pt").symlink_to(published / f"checkpoint{source}.pt")
     one_line_error(capsys, evaluate_lawa.main, [*SWEEP, "--ckpt-dir", str(tmp_path), "--ks", "2"],
-                   "checkpoint2.pt is missing", "window 2..3")
+                   "checkpoint3.pt is missing", "window of k=2 ending at checkpoint4.pt")
 
 
 @pytest.mark.parametrize("ks, fragment", [("2,x", "comma-separated integers"), ("1,2", "≥ 2"),
@@ -214,9 +232,10 @@ def test_bad_window_sizes_are_refused(published, capsys, evaluate_lawa, ks, frag
 
 
 def test_bad_sweep_inputs_are_refused(published, tmp_path, capsys, evaluate_lawa):
-    one_line_error(capsys, evaluate_lawa.main, [*SWEEP, "--ckpt-dir", str(tmp_path)], "no checkpoint{E}.pt")
-    one_line_error(capsys, evaluate_lawa.main, [*SWEEP, "--ckpt-dir", str(published), "--epochs", "2:7"],
-                   "no checkpoint4.pt")
+    one_line_error(capsys, evaluate_lawa.main, [*SWEEP, "--ckpt-dir", str(tmp_path)],
+                   "has no checkpoints in a layout LAWA knows")
+    one_line_error(capsys, evaluate_lawa.main, [*SWEEP, "--ckpt-dir", str(published), "--epochs", "7"],
+                   "checkpoint7.pt does not exist")
     one_line_error(capsys, evaluate_lawa.main, ["/no/such/data", "--ckpt-dir", str(published), "--ks", "2"],
                    "/no/such/data/train is not a directory")
 
@@ -294,12 +313,12 @@ def test_method_sweep_reruns_skip_done_cells_and_redo_torn_ones(method_results, 
     method_results[~torn].to_csv(out, index=False)  # the swa E=3 cell lost its last row: a sweep killed mid-cell
     evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), "--method", "swa",
                         "--swa-starts", "2"])
-    assert "1 cells in" in capsys.readouterr().out
+    assert "1 cells in" in capsys.readouterr().err
     again = lawa_utils.read_results(out)
     assert len(again) == len(method_results) - 1 + 6
     evaluate_lawa.main([*METHOD_SWEEP, "--ckpt-dir", str(published), "--out", str(out), "--method", "ema",
                         "--decays", "0.5"])
-    assert "all ema cells" in capsys.readouterr().out and len(lawa_utils.read_results(out)) == len(again)
+    assert "all ema" in capsys.readouterr().err and len(lawa_utils.read_results(out)) == len(again)
 
 
 def test_several_methods_in_one_process_write_the_cells_of_separate_sweeps(method_results, published,
@@ -312,8 +331,9 @@ def test_several_methods_in_one_process_write_the_cells_of_separate_sweeps(metho
                             "--swa-starts", "2", "--decays", "0.5", "--ks", "2", "--spacing", "2"])
     finally:
         torch.set_num_threads(threads)
-    printed = capsys.readouterr().out
-    assert "9 cells in" in printed and "swa and the baseline" in printed and "ewa-s2 and the baseline" in printed
+    printed = capsys.readouterr()
+    assert "9 cells in" in printed.err
+    assert "swa and the baseline" in printed.out and "ewa-s2 and the baseline" in printed.out
     key = ["method", "k", "epoch", "split", "metric"]
     together = lawa_utils.read_results(out).sort_values(key).reset_index(drop=True)
     separate = method_results.sort_values(key).reset_index(drop=True)
@@ -332,7 +352,7 @@ def test_several_methods_in_one_process_write_the_cells_of_separate_sweeps(metho
     (["--method", "ewa", "--ks", "2"], "--method ewa needs --spacing"),
     (["--method", "ema", "--decays", "0.5,x"], "--decays must be comma-separated numbers"),
     (["--method", "ema", "--decays", "1"], "EMA decay must be in [0, 1), got 1.0"),
-    (["--method", "swa", "--swa-starts", "5"], "SWA start epoch 5 has no checkpoint (have 1..3)"),
+    (["--method", "swa", "--swa-starts", "5"], "checkpoint5.pt does not exist"),
 ])
 def test_bad_method_flags_are_refused_in_one_line(published, capsys, evaluate_lawa, flags, fragment):
     one_line_error(capsys, evaluate_lawa.main, [*DATA, "--ckpt-dir", str(published), *flags], fragment)

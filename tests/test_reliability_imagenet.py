@@ -60,7 +60,7 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 def logged_epochs(log: Path) -> set[int]:
     lines = log.read_text().splitlines()[1:] if log.exists() else []
-    return {int(line.split(",")[2]) for line in lines if line.count(",") == 8}
+    return {int(line.split(",")[2]) for line in lines if line.count(",") == len(lu.RESULT_COLUMNS) - 1}
 
 
 def resume_flags(run_dir: Path) -> list[str]:
@@ -154,7 +154,7 @@ def whole_cells(out: Path) -> int:
     text = out.read_text()
     assert text.endswith("\n"), text[-300:]
     rows = text.splitlines()[1:]
-    assert all(row.count(",") == 8 for row in rows)
+    assert all(row.count(",") == len(lu.RESULT_COLUMNS) - 1 for row in rows)
     assert len(rows) % 6 == 0, rows[-6:]  # (train, val) × (loss, acc1, acc5) per cell
     return len(rows) // 6
 

@@ -248,8 +248,8 @@ def lawa_k(run: Run, k: int | None) -> int:
 
 
 def seeds_note(table: pd.DataFrame) -> str:
-    """'' for one seed, else ' (mean ± std of n seeds)' for titles."""
-    return "" if table.shape[1] <= 1 else f" (mean ± std of {table.shape[1]} seeds)"
+    """'' for one seed, else ', n seeds' for a panel title (the legend's '(n=…)' and band say the rest)."""
+    return "" if table.shape[1] <= 1 else f", {table.shape[1]} seeds"
 
 
 def optimizer_of(frame: pd.DataFrame, method: str) -> str | None:

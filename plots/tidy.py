@@ -136,11 +136,16 @@ def curve(df: pd.DataFrame, metric: str, method: str, k: int | None = None, *,
 
 def seed_curves(df: pd.DataFrame, metric: str, method: str, k: int | None = None, *,
                 optimizer: str | None = None) -> pd.DataFrame:
-    """Curves of every seed side by side: index epoch, one column per seed (NaN where a run is shorter)."""
+    """Curves of every seed side by side: index epoch, one column per seed (NaN where a run is shorter).
+
+    Seeds without rows of this k (a sweep still running) are left out, not an error.
+    """
     rows = _metric_rows(df, metric)
     rows = rows[rows["method"] == method]
     if optimizer is not None:
         rows = rows[rows["optimizer"] == optimizer]
+    if k is not None and method != "baseline":
+        rows = rows[rows["k"] == k]
     seeds = sorted(rows["seed"].dropna().unique())
     if not seeds:
         return pd.DataFrame()

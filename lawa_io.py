@@ -209,7 +209,7 @@ _REBUILDERS = {
 def _allowed_globals() -> dict[str, Any]:
     """``module.name`` → object for torch's weights_only allowlist, globals registered with torch, SAFE_GLOBALS."""
     allowed: dict[str, Any] = {}
-    with contextlib.suppress(Exception):  # a private torch helper; without it only the explicit lists apply
+    with contextlib.suppress(Exception):  # a private torch function; without it only the explicit lists apply
         from torch import _weights_only_unpickler
 
         allowed.update(_weights_only_unpickler._get_allowed_globals())

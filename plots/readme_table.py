@@ -51,9 +51,17 @@ def _claim_row(claim: dict) -> str:
     if not parts:
         measured = claim["why"]
     else:
-        measured = "; ".join(f"{p['measure']}: {_pm(p)}" for p in parts)
+        measured = "; ".join(f"{p['measure']}: {_pm(p)}"
+                             + (" (lower bounds: the baseline never matched)" if p.get("censored_seeds") else "")
+                             for p in parts)
         measured += f" (n={max(p['n'] for p in parts)} seeds)"
     return f"| {claim['statement']} | {measured} | **{claim['verdict']}** |"
+
+
+def _interval_clear(claim: dict) -> bool:
+    """Whether a part with the claim's own verdict has its 95% interval clear of 0."""
+    return any(p["verdict"] == claim["verdict"] and p["ci"] and (p["ci"][0] > 0 or p["ci"][1] < 0)
+               for p in claim["parts"].values())
 
 
 def machine_line(root: Path) -> str:
@@ -154,6 +162,12 @@ def section(root: str | Path, *, appendix_k: int | None = None) -> str:
              "![LAWA vs baseline](docs/figures/fig1_averaged_vs_baseline.png)", "",
              "| claim (paper) | measured: paired difference d, mean ± std over seeds | verdict |", "|---|---|---|"]
     lines += [_claim_row(c) for c in claims]
+    lines += ["", "![early phase](docs/figures/fig4_early_phase.png)"]
+    strong = [c["statement"] for c in claims if c["verdict"] in (HELD, NOT_HELD) and _interval_clear(c)]
+    weak = [c["statement"] for c in claims if c["verdict"] in (HELD, NOT_HELD) and not _interval_clear(c)]
+    lines += ["", "Verdicts with a part whose 95% interval is clear of 0 (they should survive another machine): "
+              + ("; ".join(strong) or "none") + ". Verdicts resting on every seed agreeing alone: "
+              + ("; ".join(weak) or "none") + "."]
     lines += ["", machine_line(root)]
     moved = variation(root, appendix_k)
     if moved:

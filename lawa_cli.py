@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "average":
-            return lu.main(["average", *rest])
+            return lu.main(["average", *rest], prog="lawa")
         if command == "sweep":
             return _sweep_command(rest)
         if command == "hours-saved":

@@ -674,7 +674,9 @@ def _evaluate_cells(trajectory, methods, baseline, evaluate, target: Path, ends:
             rows = _rows(values, cell, trajectory.completed(cell.end), optimizer, seed, trajectory.unit)
             lu.append_rows(target, rows)  # one write per cell, fsync'd: a kill leaves whole cells
             first = rows[0]
-            bar.set_postfix_str(f"{_describe(cell)} {first['split']}_{first['metric']} {first['value']:.4g}")
+            # the window's last file by name (positions are the names' numbers; rows record completed epochs)
+            bar.set_postfix_str(f"{cell.label} k={cell.k} to {trajectory.name(cell.end)} "
+                                f"{first['split']}_{first['metric']} {first['value']:.4g}")
             bar.update()
     if count:
         print(f"lawa_sweep: {desc}: {count} cells in {time.perf_counter() - started:.2f} s -> {target}",

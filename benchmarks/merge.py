@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             # done so far are then already on disk.
             report.summary.clear(), report.goals.clear()
             report.checks[:] = failures
+            report.notes[:] = [n for n in report.notes if not n.startswith("Disk sequential read")]
             summarize(report, variants, conditions, largest)
             status = report.finish()
     return status
@@ -606,10 +607,15 @@ def summarize(report: common.Report, variants: list[str], conditions: list[str],
             report.goal(f"{label}peak RSS ≤ floor + 2 × largest tensor ({c})",
                         f"{rss:.0f} MB (floor {floor_rss:.0f} + {rss - floor_rss:.0f}; anon "
                         f"{med(ours, 'peak_rss_anon_mb', c):.0f})", f"≤ {bound:.0f} MB", rss <= bound)
-        if "cold" in conditions:
-            tput = input_gb / med(ours, "wall_seconds", "cold")
+        if "cold" in conditions:  # each cold run against the disk as measured in the same repeat
+            walls = report.values(ours, "wall_seconds", "cold")
+            disks = report.values("disk", "sequential_read_gbps")
+            shares = [input_gb / w / d for w, d in zip(walls, disks, strict=False)]
+            share = common.median(shares)
             report.goal(f"{label}cold read throughput ≥ 50% of the disk's sequential read",
-                        f"{tput:.2f} GB/s = {100 * tput / disk:.0f}% of {disk:.2f} GB/s", "≥ 50%", tput >= 0.5 * disk)
+                        f"{100 * share:.0f}% (per repeat: "
+                        + ", ".join(f"{100 * x:.0f}% of {d:.2f} GB/s" for x, d in zip(shares, disks, strict=False))
+                        + ")", "≥ 50%", share >= 0.5)
     for v in variants:
         runs = report.values(v, "bad_elements")
         if not runs:

@@ -307,8 +307,11 @@ def micro_benchmark(seconds: float = 0.1) -> dict[str, float]:
             if end >= stop:
                 return work / best / 1e9
 
-    a, b = torch.rand(256, 256), torch.rand(256, 256)
-    src, dst = torch.rand(8 << 20), torch.empty(8 << 20)
+    # A private generator: a trainer that restored its RNG state before recording the run must draw the same
+    # numbers afterwards as an uninterrupted run (bit-identical resume).
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(256, 256, generator=g), torch.rand(256, 256, generator=g)
+    src, dst = torch.rand(8 << 20, generator=g), torch.empty(8 << 20)
     return {"matmul_gflops": round(best_rate(2 * 256**3, lambda: torch.mm(a, b)), 1),
             "copy_gbps": round(best_rate(2 * src.numel() * 4, lambda: dst.copy_(src)), 2),
             "threads": torch.get_num_threads()}

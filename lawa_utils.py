@@ -834,6 +834,11 @@ def average_command(args: argparse.Namespace) -> None:
     weights = method_weights(args.method, len(files), DEFAULT_ALPHA if args.alpha is None else args.alpha)
     provenance = {"files": [str(f) for f in files], "weights": weights, "method": args.method,
                   "layout": run.layout, "unit": run.unit, "positions": positions}
+    # Under torchrun/SLURM with several processes: join the group, so that a DCP run is averaged share by share
+    # on the ranks (lawa_io) and published once; the same rendezvous and timeout as the sweeps.
+    from lawa_sweep import _init_distributed
+
+    rank, _, started = _init_distributed(None)
     readers = []
     try:
         for f in files:
@@ -846,6 +851,10 @@ def average_command(args: argparse.Namespace) -> None:
     finally:
         for reader in readers:
             reader.close()
+        if started:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return  # rank 0 speaks for the job
     entries = ", ".join(map(str, report.get("entries") or []))
     _print_averaged(run, positions, weights, f"{args.method}, {readers[-1].layout} layout; entries averaged: "
                     f"{entries or 'none'}", args.out)

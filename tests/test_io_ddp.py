@@ -97,3 +97,27 @@ def test_dcp_average_on_two_ranks_equals_one_rank_and_fails_closed(tmp_path):
         assert all(not o[case]["ok"] and message in o[case]["error"] for o in outputs), (case, outputs)
         assert not (tmp_path / f"avg-{case}").exists()
     assert not [p.name for p in tmp_path.iterdir() if ".part" in p.name]
+
+
+def test_the_average_command_under_torchrun_averages_a_dcp_run_on_two_ranks_like_one_process(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    for s in (10, 20, 30):
+        dcp.save({"model": state(s), "optimizer": {"lr": torch.tensor(0.1)}}, checkpoint_id=str(run / f"step-{s}"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port())]
+    command = ["-m", "lawa_utils", "average", "--dir", str(run), "--k", "3"]
+    two = subprocess.run([*torchrun, *command, "--out", str(tmp_path / "avg2")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("averaged 3 checkpoints") == 1  # rank 0 speaks for the job
+    one = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "avg1")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    expected = lawa_io.open_checkpoint(tmp_path / "avg1").state()
+    got = lawa_io.open_checkpoint(tmp_path / "avg2").state()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in (tmp_path / "avg2").iterdir() if p.suffix == ".distcp") == [
+        "__0_0.distcp", "__1_0.distcp"]

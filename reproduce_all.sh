@@ -117,7 +117,7 @@ appendix_run() {
     echo "seed $seed $opt: $(tail -1 "$dir/log.csv")"
 }
 
-# methods_run SEED: averaging methods beside LAWA (issue 8), post hoc on one appendix seed's SGD trajectory, into
+# methods_run SEED: averaging methods beside LAWA, post hoc on one appendix seed's SGD trajectory, into
 # the results.csv that holds its baseline, lawa and exp rows (fig7 and summary.md compare them): EMA with LAWA's
 # effective window (d = 1 − 1/k), SWA from half the run, EWA (k checkpoints 2 epochs apart) and TWA trained for
 # 2 epochs (64 steps, lr 0.05: lr 2 diverged, 0.5 ended 2.6 points below 0.05 on seed 0) in the span of the

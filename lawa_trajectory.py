@@ -13,9 +13,13 @@ layout              names                                     unit   zero-based
 ``lawa``            ``checkpoint{E}.pt`` (this repository,     epoch  no
                     pytorch/examples, fairseq's epoch files)
 ``fairseq-updates`` ``checkpoint_{E}_{U}.pt`` (position U)     step   no
-``hf``              ``checkpoint-{step}/`` (Trainer,           step   no
-                    Accelerate)
+``hf``              ``checkpoint-{step}/`` (Trainer)           step   no
 ``pythia``          ``step{N}/`` (revision directories)        step   no
+``accelerate``      ``checkpoint_{i}/`` (``save_state`` with    epoch  yes
+                    automatic naming: i counts the saves from
+                    0, one per epoch), ``epoch_{E}/`` (0-based),
+                    ``step_{N}/`` (unit step); each holding
+                    ``model.safetensors`` or ``pytorch_model.bin``
 ``lightning``       ``epoch={E}-step={S}.ckpt``, also           epoch  yes
                     ``{E}-{S}.ckpt`` (position S, unit step,
                     when several files share an epoch)
@@ -73,7 +77,8 @@ except ImportError:  # pragma: no cover - before lawa_tidy exists
 
 __all__ = ["LAYOUTS", "Trajectory", "find_trajectory", "trajectory_from_files"]
 
-LAYOUTS = ("lawa", "fairseq-updates", "hf", "pythia", "lightning", "timm", "torchvision", "dcp", "pattern", "files")
+LAYOUTS = ("lawa", "fairseq-updates", "hf", "pythia", "accelerate", "lightning", "timm", "torchvision", "dcp",
+           "pattern", "files")
 
 # File layouts: name regex → (layout, unit, zero_based). The group named `pos` is the position.
 _FILE_LAYOUTS = [
@@ -84,6 +89,11 @@ _FILE_LAYOUTS = [
 ]
 _HF_DIR = re.compile(r"^checkpoint-(?P<pos>\d+)$")
 _PYTHIA_DIR = re.compile(r"^step(?P<pos>\d+)$")
+# Accelerate's save_state() directories: checkpoint_{i} (automatic naming), epoch_{E} / step_{N} (its examples'
+# names). Recognised only when they hold model weights, so other folders of those names are left alone.
+_ACCELERATE_DIR = re.compile(r"^(?P<kind>checkpoint|epoch|step)_(?P<pos>\d+)$")
+_ACCELERATE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
 _NUMBERED_DIR = re.compile(r"^(?P<prefix>[A-Za-z_\-=.]*?)(?P<pos>\d+)$")
 # Lightning's ModelCheckpoint: `{epoch}`/`{step}` fields become `epoch=3`/`step=40` (auto_insert_metric_name),
 # or bare numbers `3-40` when that is off; a `-v1` suffix marks a second file of the same name.
@@ -96,6 +106,7 @@ _NAME_FORMS = {
     "fairseq-updates": "checkpoint_{E}_{U}.pt",
     "hf": "checkpoint-{step}/",
     "pythia": "step{N}/",
+    "accelerate": "checkpoint_{i}/",
     "lightning": "epoch={E}-step={S}.ckpt",
     "timm": "checkpoint-{E}.pth.tar",
     "torchvision": "model_{E}.pth",
@@ -276,6 +287,10 @@ def _classify(entry: Path) -> _Hit | None:
             m = regex.match(name)
             if m:
                 return _Hit(layout, "step", False, int(m["pos"]), path=entry)
+        m = _ACCELERATE_DIR.match(name)
+        if m and any((entry / w).is_file() for w in _ACCELERATE_WEIGHTS):
+            step = m["kind"] == "step"
+            return _Hit("accelerate", "step" if step else "epoch", not step, int(m["pos"]), path=entry)
         return None
     for regex, layout, unit, zero_based in _FILE_LAYOUTS:
         m = regex.match(name)

@@ -75,8 +75,9 @@ def _draw_gap(ax, saved, per_seed=()) -> None:
     """Arrow e -> e' at the matched value for the largest matched gap; dashed '≥ n' for a censored one;
     ``per_seed`` (several seeds' results) adds a line with each seed's own maximum.
 
-    The words go next to the legend on the side the curves leave empty (under a rising accuracy, over a
-    falling loss), tied to the arrow by a thin line, so they do not sit on the curves.
+    The words (short lines, so the box stays narrow) go next to the legend on the side the curves leave empty
+    (under a rising accuracy, over a falling loss), tied to the arrow by a thin line, so they do not sit on the
+    curves. The arrows are drawn on the mean curves; the last line gives each seed's own gap.
     """
     corner = (0.97, 0.27) if saved.higher_is_better else (0.97, 0.73)
     va = "bottom" if saved.higher_is_better else "top"
@@ -96,14 +97,14 @@ def _draw_gap(ax, saved, per_seed=()) -> None:
         ax.annotate("", xy=(saved.horizon + 0.5, c.value), xytext=(c.epoch, c.value),
                     arrowprops={"arrowstyle": "-|>", "color": "tab:red", "lw": 1.2, "ls": "--",
                                 "shrinkA": 0, "shrinkB": 0})
-        words.append(f"dashed: never matched from\nepoch {c.epoch} (≥ {epochs_text(c.epochs_at_least)})")
+        words.append(f"dashed: LAWA at {c.epoch} never\nmatched (≥ {epochs_text(c.epochs_at_least)})")
         anchor = anchor or (c.epoch, c.value)
     if not words:
         words.append("LAWA is never ahead of the baseline")
     if per_seed:
         gaps = [r.maximum for r in per_seed]
         each = ", ".join("-" if g is None else g.epochs_text() for g in gaps)
-        words.append(f"(mean curves; per seed: {each} epochs)")
+        words.append(f"per seed: {each} epochs")
     ax.annotate("\n".join(words), xy=anchor or corner, xycoords="data" if anchor else "axes fraction",
                 xytext=corner, textcoords="axes fraction", ha="right", va=va, color="tab:red", fontsize=8.5,
                 bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},

@@ -88,6 +88,12 @@ LAYOUT_CASES = [
     (["checkpoint-1000/", "checkpoint-500/", "checkpoint-1500/", "runs/", "trainer_state.json", "config.json"],
      "hf", "step", False, (500, 1000, 1500)),
     (["step100/", "step20/", "step3000/"], "pythia", "step", False, (20, 100, 3000)),
+    # Accelerate's save_state: folders count only when they hold model weights (checkpoint_9/ below is empty)
+    (["checkpoint_1/model.safetensors", "checkpoint_0/model.safetensors", "checkpoint_10/pytorch_model.bin",
+      "checkpoint_9/"], "accelerate", "epoch", True, (0, 1, 10)),
+    (["epoch_2/model.safetensors.index.json", "epoch_0/model.safetensors", "logs/"], "accelerate", "epoch", True,
+     (0, 2)),
+    (["step_200/model.safetensors", "step_100/model.safetensors"], "accelerate", "step", False, (100, 200)),
     (["epoch=0-step=5.ckpt", "epoch=10-step=55.ckpt", "epoch=2-step=15.ckpt", "last.ckpt", "last-v1.ckpt"],
      "lightning", "epoch", True, (0, 2, 10)),
     (["model-epoch=1-step=10-val_loss=0.50.ckpt", "model-epoch=3-step=20-val_loss=0.40.ckpt"],
@@ -268,6 +274,49 @@ def test_hf_trainer_run_averages_into_a_directory_from_pretrained_loads(hf_train
     got = GPT2LMHeadModel.from_pretrained(out).state_dict()
     want = mean_state([GPT2LMHeadModel.from_pretrained(run.path(p)).state_dict() for p in (2, 4, 6)])
     assert_state_close(got, want, "hf trainer")
+
+
+def _accelerate_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+@pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory):
+    """accelerate's save_state() after each of 4 epochs, automatic naming: checkpoints/checkpoint_{0..3}/."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = tmp_path_factory.mktemp("accelerate")
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(project),
+                                                                    automatic_checkpoint_naming=True))
+    model = acc.prepare(_accelerate_model())
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(4):
+        for _ in range(3):
+            acc.backward(model(torch.randn(5, 4)).pow(2).mean())
+            opt.step()
+            opt.zero_grad()
+        acc.save_state()
+    return project / "checkpoints"
+
+
+def test_accelerate_save_state_run_averages_and_load_state_reads_it(accelerate_run, tmp_path, capsys):
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    run = lt.find_trajectory(accelerate_run)
+    assert (run.layout, run.unit, run.positions, run.completed(3)) == ("accelerate", "epoch", (0, 1, 2, 3), 4)
+    out = tmp_path / "lawa"
+    status, _, stderr = average(capsys, "--dir", accelerate_run, "--k", 3, "--out", out, "--copy-training-state")
+    assert status == 0, stderr
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(_accelerate_model())
+    opt = acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    acc.load_state(str(out))  # accelerate's own loader: model weights, optimizer and RNG state
+    want = mean_state([load_file(run.path(p) / "model.safetensors") for p in (1, 2, 3)])
+    assert_state_close(model.state_dict(), want, "accelerate")
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.1
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@
 legacy (pre-1.6, non-zip) torch files, ``.safetensors`` files, Hugging Face directories (one
 ``model.safetensors``, shards with ``model.safetensors.index.json``, ``pytorch_model.bin``, or ``.bin``
 shards with their index) and ``torch.distributed.checkpoint`` (DCP) directories (``.metadata`` plus
-``*.distcp``; the model is the ``model.`` subtree when the tree has one).
+``*.distcp``; the model is the ``model.`` subtree when the tree has one, else the top-level tensors outside
+the optimizer, scheduler, data-loader and train-state groups, as torchtitan writes them).
 
 **Layouts inside a file** (``CheckpointReader.layout``): ``lightning`` (``state_dict`` plus
 ``pytorch-lightning_version``; with Lightning's weight averaging the live weights are ``current_model_state``
@@ -791,9 +792,17 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
+# Top-level groups of a DCP tree that hold training state, not the model: torchtitan writes the model's keys at the
+# top level beside these (its `_flattened_model_states_sd`).
+_DCP_TRAINING_STATE = ("optimizer.", "optimizers.", "optim.", "lr_scheduler.", "lr_schedulers.", "scheduler.",
+                       "dataloader.", "data_loader.", "train_state.", "rng_state.", "extra_state.")
+
+
 class DCPReader(CheckpointReader):
     """A torch.distributed.checkpoint directory (``.metadata`` plus ``*.distcp``); the model is its ``model.``
-    subtree when the tree has one (FSDP2 / torchtitan stacks keep the optimizer beside it), else every tensor.
+    subtree when the tree has one (FSDP2 stacks keep the optimizer beside it), else every tensor outside the
+    training-state groups (``optimizer.``, ``lr_scheduler.``, ``dataloader.``, ``train_state.``, …), as
+    torchtitan writes its model keys at the top level.
 
     Tensors are read with DCP's own ``FileSystemReader`` (``dcp.load`` of one tensor, no process group); the
     metadata pickle is read safely (:func:`_read_dcp_metadata`).
@@ -811,7 +820,8 @@ class DCPReader(CheckpointReader):
         tensors = {fqn: m for fqn, m in self.metadata.state_dict_metadata.items()
                    if isinstance(m, TensorStorageMetadata)}
         self.subtree = "model." if any(f.startswith("model.") for f in tensors) else ""
-        self._fqns = [f for f in tensors if f.startswith(self.subtree)]
+        self._fqns = [f for f in tensors if f.startswith(self.subtree)
+                      and (self.subtree or not f.startswith(_DCP_TRAINING_STATE))]
         if not self._fqns:
             raise LawaError(f"{path} is a DCP checkpoint with no tensors")
         self._meta = {f: (torch.Size(tensors[f].size), tensors[f].properties.dtype) for f in self._fqns}

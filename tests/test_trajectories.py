@@ -572,6 +572,36 @@ def test_dcp_run_averages_into_a_directory_dcp_load_reads(dcp_run, tmp_path, cap
     assert_state_close(_dcp_model_state(out), want, "dcp")
 
 
+def test_dcp_with_top_level_model_keys_leaves_the_training_state_out(tmp_path, capsys):
+    """torchtitan's layout: the model's keys at the top of the tree, the optimizer (FQN-keyed, as DCP's
+    get_optimizer_state_dict gives it), scheduler and train state as groups beside them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(6)
+    model = _vision_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for step in (10, 20):
+        perturb_(model, step)
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        opt.step()
+        tree = {**model.state_dict(), "optimizer": get_optimizer_state_dict(model, opt),
+                "lr_scheduler": {"last_epoch": step}, "train_state": {"step": torch.tensor(step)}}
+        dcp.save(tree, checkpoint_id=str(tmp_path / "ckpt" / f"step-{step}"))
+    out = tmp_path / "lawa"
+    status, stdout, stderr = average(capsys, "--dir", tmp_path / "ckpt", "--k", 2, "--out", out)
+    assert status == 0, stderr
+    assert "not written" in stdout or "not written" in stderr
+    written = dcp.FileSystemReader(str(out)).read_metadata().state_dict_metadata
+    assert set(written) == set(model.state_dict())  # no optimizer moments averaged into the model
+    states = []
+    for path in (tmp_path / "ckpt" / "step-10", tmp_path / "ckpt" / "step-20", out):
+        state = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+        dcp.load(state, checkpoint_id=str(path))  # as torchtitan loads a model-only checkpoint
+        states.append(state)
+    assert_state_close(states[2], mean_state(states[:2]), "dcp top level")
+
+
 def test_directory_output_is_refused_when_it_exists(hf_trainer_run, tmp_path, capsys):
     out = tmp_path / "lawa"
     out.mkdir()

@@ -7,8 +7,10 @@
 The section sits between ``BEGIN`` and ``END`` (HTML comments, invisible on GitHub) and is built from
 ``summarize`` of the logs (what ``summary.json`` holds): one row per claim of plots/claims.py with its verdict
 and the seeds' mean ± std of each paired difference it judged; a line on the machine the logs came from (each
-run's ``args.json``); and how far a change of thread count moved the same seed's numbers (``variation/``: the
-appendix SGD run of one seed repeated with another thread count), set against the seed spread.
+run's ``args.json``); how far a change of thread count moved the same seed's numbers (``variation/``: the
+appendix SGD run of one seed repeated with another thread count), set against the seed spread; and, for each
+``machines/NAME/`` (the same defaults run on another VM, laid out as the reference), its verdicts beside the
+reference's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from plots.claims import HELD, NOT_HELD
 from plots.summary import summarize
 from plots.tidy import TidyError, folders_from, load_inputs, load_run, run_cli, seed_curves
 
-__all__ = ["BEGIN", "END", "section", "replace_section", "machine_line", "variation", "main"]
+__all__ = ["BEGIN", "END", "section", "replace_section", "machine_line", "variation", "other_machines", "main"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COMMAND = "python -m plots.readme_table --from docs/results --write README.md"
@@ -68,7 +70,7 @@ def machine_line(root: Path) -> str:
     """The reference machine as the runs' args.json recorded it: CPU, cores, torch build, micro-benchmark."""
     records = []
     for path in sorted(root.rglob("args.json")):
-        if "variation" in path.relative_to(root).parts:
+        if {"variation", "machines"} & set(path.relative_to(root).parts):
             continue
         try:
             records.append(json.loads(path.read_text())["hardware"])
@@ -128,6 +130,53 @@ def variation(root: Path, appendix_k: int | None = None) -> str | None:
             "clear of 0, and the direction of the inconclusive ones is not a result.")
 
 
+def _hardware(root: Path) -> tuple[str, float | None]:
+    """The CPU model and median matmul GFLOP/s that the runs below ``root`` recorded (variation/, machines/ aside)."""
+    models, gflops = set(), []
+    for path in sorted(root.rglob("args.json")):
+        if {"variation", "machines"} & set(path.relative_to(root).parts):
+            continue
+        hardware = json.loads(path.read_text()).get("hardware", {})
+        models.add(hardware.get("cpu_model", "?"))
+        if "benchmark" in hardware:
+            gflops.append(hardware["benchmark"]["matmul_gflops"])
+    return " / ".join(sorted(models)) or "?", statistics.median(gflops) if gflops else None
+
+
+def _first_part(claim: dict) -> str:
+    parts = [p for p in claim["parts"].values() if p["n"]]
+    return "no data" if not parts else _pm(parts[0]).split(" (")[0]
+
+
+def other_machines(root: Path, claims: list[dict], appendix_k: int | None = None) -> list[str]:
+    """For each ``root/machines/NAME/`` (the same defaults on another VM): a table of its verdicts beside the
+    reference's, with each claim's first paired difference, and how many verdicts read the same."""
+    folder = root / "machines"
+    if not folder.is_dir():
+        return []
+    here, here_gflops = _hardware(root)
+    lines = []
+    for machine in sorted(p for p in folder.iterdir() if p.is_dir()):
+        f = folders_from(machine)
+        theirs = summarize(load_inputs(f["imagenet"], f["bert"], f["appendix"], f["gpt"],
+                                       appendix_k=appendix_k))["claims"]
+        by_key = {c["key"]: c for c in theirs}
+        there, there_gflops = _hardware(machine)
+        same = sum(by_key.get(c["key"], {}).get("verdict") == c["verdict"] for c in claims)
+        speed = ("" if here_gflops is None or there_gflops is None
+                 else f"; matmul {there_gflops:.0f} against {here_gflops:.0f} GFLOP/s here")
+        lines += ["", f"The same defaults on another VM (`{_shown(machine)}/`: {there}{speed}; other kernels, so "
+                  f"other floating-point sums and other trajectories from the same seeds): {same} of {len(claims)} "
+                  "verdicts read the same. Each cell: the verdict and the claim's first paired difference, mean "
+                  "over seeds.", "",
+                  f"| claim | this reference ({here}) | {machine.name} ({there}) |", "|---|---|---|"]
+        for c in claims:
+            other = by_key.get(c["key"])
+            cell = "not run" if other is None else f"**{other['verdict']}**, {_first_part(other)}"
+            lines.append(f"| {c['statement']} | **{c['verdict']}**, {_first_part(c)} | {cell} |")
+    return lines
+
+
 def _shown(root: Path) -> str:
     """``root`` as the README names it: relative to the repository when inside it (the same text from any cwd)."""
     repo = Path(__file__).resolve().parents[1]
@@ -172,6 +221,7 @@ def section(root: str | Path, *, appendix_k: int | None = None) -> str:
     moved = variation(root, appendix_k)
     if moved:
         lines += ["", moved]
+    lines += other_machines(root, claims, appendix_k)
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -190,7 +240,8 @@ def replace_section(text: str, new: str, where: str = "README.md") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readme_table.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="root", required=True, metavar="DIR",
-                        help="the reference logs (docs/results): imagenet/, bert/, appendix/, variation/")
+                        help="the reference logs (docs/results): imagenet/, bert/, appendix/, variation/, "
+                        "machines/NAME/")
     parser.add_argument("--appendix-k", type=int, help="appendix LAWA/EXP window (default: the only one swept)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", metavar="README", help="replace the section in this file")

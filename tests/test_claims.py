@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `plots`: a top-l
 
 from plots import claims
 from plots.claims import HELD, INCONCLUSIVE, NOT_HELD, share_k, spread, t_quantile
-from plots.readme_table import BEGIN, END, replace_section, section
+from plots.readme_table import BEGIN, END, other_machines, replace_section, section
 from plots.tidy import RESULT_COLUMNS, load_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,6 +263,30 @@ def test_readme_section_is_what_the_shipped_logs_give():
     assert replace_section(text, expected) == text, (
         "README.md's results section differs from docs/results; run: python -m plots.readme_table --from "
         "docs/results --write README.md")
+
+
+def test_other_machines_set_each_verdict_beside_the_references(tmp_path):
+    # The reference: LAWA k=2 ahead in every seed (held); machines/a the same; machines/b behind in every seed.
+    root = tmp_path / "results"
+    vision(root, {0: 0.03, 1: 0.02, 2: 0.04})
+    vision(root / "machines" / "a", {0: 0.03, 1: 0.02, 2: 0.04})
+    vision(root / "machines" / "b", {0: -0.03, 1: -0.02, 2: -0.04})
+    ours = claims.judge_all(load_inputs(imagenet=str(root / "imagenet")))
+    lines = other_machines(root, [c.to_dict() for c in ours])
+    said = [line for line in lines if line.startswith("The same defaults")]
+    n = len(ours)
+    assert len(said) == 2 and f"{n} of {n} verdicts read the same" in said[0]
+    theirs = claims.judge_all(load_inputs(imagenet=str(root / "machines" / "b" / "imagenet")))
+    same = sum(a.verdict == b.verdict for a, b in zip(ours, theirs, strict=True))
+    assert same <= n - 2 and f"{same} of {n} verdicts read the same" in said[1]
+    rows = [line for line in lines if line.startswith("| ") and "this reference" not in line]
+    assert len(rows) == 2 * n
+    for row, a, b in zip(rows[n:], ours, theirs, strict=True):  # machines/b's table: our verdict, then theirs
+        assert row.startswith(f"| {a.statement} | **{a.verdict}**, ") and f"| **{b.verdict}**, " in row
+    ahead = rows[n]
+    assert ahead.startswith("| LAWA is ahead of the baseline mid-training") and "**held**, +3.0" in ahead
+    assert "**not held**, -3.0" in ahead
+    assert other_machines(tmp_path / "none", []) == []
 
 
 def test_replace_section_refuses_a_file_without_markers():

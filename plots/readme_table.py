@@ -8,9 +8,9 @@ The section sits between ``BEGIN`` and ``END`` (HTML comments, invisible on GitH
 ``summarize`` of the logs (what ``summary.json`` holds): one row per claim of plots/claims.py with its verdict
 and the seeds' mean ± std of each paired difference it judged; a line on the machine the logs came from (each
 run's ``args.json``); how far a change of thread count moved the same seed's numbers (``variation/``: the
-appendix SGD run of one seed repeated with another thread count), set against the seed spread; and, for each
-``machines/NAME/`` (the same defaults run on another VM, laid out as the reference), its verdicts beside the
-reference's.
+appendix SGD run of one seed repeated with another thread count), set against the seed spread; and the
+verdicts of each ``compare/NAME/`` (another run of reproduce_all.sh, at other sizes or on another VM, laid out
+as the reference, with an ``about.txt``) beside the reference's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from plots.claims import HELD, NOT_HELD
 from plots.summary import summarize
 from plots.tidy import TidyError, folders_from, load_inputs, load_run, run_cli, seed_curves
 
-__all__ = ["BEGIN", "END", "section", "replace_section", "machine_line", "variation", "other_machines", "main"]
+__all__ = ["BEGIN", "END", "section", "replace_section", "machine_line", "variation", "comparisons", "main"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COMMAND = "python -m plots.readme_table --from docs/results --write README.md"
@@ -70,7 +70,7 @@ def machine_line(root: Path) -> str:
     """The reference machine as the runs' args.json recorded it: CPU, cores, torch build, micro-benchmark."""
     records = []
     for path in sorted(root.rglob("args.json")):
-        if {"variation", "machines"} & set(path.relative_to(root).parts):
+        if {"variation", "compare"} & set(path.relative_to(root).parts):
             continue
         try:
             records.append(json.loads(path.read_text())["hardware"])
@@ -131,10 +131,10 @@ def variation(root: Path, appendix_k: int | None = None) -> str | None:
 
 
 def _hardware(root: Path) -> tuple[str, float | None]:
-    """The CPU model and median matmul GFLOP/s that the runs below ``root`` recorded (variation/, machines/ aside)."""
+    """The CPU model and median matmul GFLOP/s that the runs below ``root`` recorded (variation/, compare/ aside)."""
     models, gflops = set(), []
     for path in sorted(root.rglob("args.json")):
-        if {"variation", "machines"} & set(path.relative_to(root).parts):
+        if {"variation", "compare"} & set(path.relative_to(root).parts):
             continue
         hardware = json.loads(path.read_text()).get("hardware", {})
         models.add(hardware.get("cpu_model", "?"))
@@ -148,32 +148,43 @@ def _first_part(claim: dict) -> str:
     return "no data" if not parts else _pm(parts[0]).split(" (")[0]
 
 
-def other_machines(root: Path, claims: list[dict], appendix_k: int | None = None) -> list[str]:
-    """For each ``root/machines/NAME/`` (the same defaults on another VM): a table of its verdicts beside the
-    reference's, with each claim's first paired difference, and how many verdicts read the same."""
-    folder = root / "machines"
-    if not folder.is_dir():
+def _column(root: Path, about: str) -> str:
+    model, gflops = _hardware(root)
+    speed = "" if gflops is None else f", matmul {gflops:.0f} GFLOP/s"
+    return f"{about} ({model}{speed})"
+
+
+def comparisons(root: Path, claims: list[dict], appendix_k: int | None = None) -> list[str]:
+    """The verdicts of other runs of reproduce_all.sh beside the reference's: one column per ``root/compare/NAME/``
+    (laid out as the reference; its ``about.txt`` says in one line what differs: other sizes, another VM), each
+    cell the verdict and the claim's first paired difference, and per column how many verdicts read the same."""
+    folder = root / "compare"
+    runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not runs:
         return []
-    here, here_gflops = _hardware(root)
-    lines = []
-    for machine in sorted(p for p in folder.iterdir() if p.is_dir()):
-        f = folders_from(machine)
-        theirs = summarize(load_inputs(f["imagenet"], f["bert"], f["appendix"], f["gpt"],
-                                       appendix_k=appendix_k))["claims"]
-        by_key = {c["key"]: c for c in theirs}
-        there, there_gflops = _hardware(machine)
-        same = sum(by_key.get(c["key"], {}).get("verdict") == c["verdict"] for c in claims)
-        speed = ("" if here_gflops is None or there_gflops is None
-                 else f"; matmul {there_gflops:.0f} against {here_gflops:.0f} GFLOP/s here")
-        lines += ["", f"The same defaults on another VM (`{_shown(machine)}/`: {there}{speed}; other kernels, so "
-                  f"other floating-point sums and other trajectories from the same seeds): {same} of {len(claims)} "
-                  "verdicts read the same. Each cell: the verdict and the claim's first paired difference, mean "
-                  "over seeds.", "",
-                  f"| claim | this reference ({here}) | {machine.name} ({there}) |", "|---|---|---|"]
-        for c in claims:
-            other = by_key.get(c["key"])
-            cell = "not run" if other is None else f"**{other['verdict']}**, {_first_part(other)}"
-            lines.append(f"| {c['statement']} | **{c['verdict']}**, {_first_part(c)} | {cell} |")
+    columns, judged = [], []
+    for run in runs:
+        about = run / "about.txt"
+        if not about.is_file():
+            raise TidyError(f"{about}: missing (one line saying how this run differs from the reference)")
+        f = folders_from(run)
+        theirs = summarize(load_inputs(f["imagenet"], f["bert"], f["appendix"], f["gpt"], appendix_k=appendix_k))
+        columns.append(_column(run, about.read_text().strip()))
+        judged.append({c["key"]: c for c in theirs["claims"]})
+    agree = "; ".join(f"{name}: {sum(j.get(c['key'], {}).get('verdict') == c['verdict'] for c in claims)} of "
+                      f"{len(claims)}" for name, j in zip([r.name for r in runs], judged, strict=True))
+    lines = ["", "Other runs of `reproduce_all.sh` beside the reference (each in `" + _shown(folder) + "/NAME/`; "
+             "another CPU runs other kernels, so other floating-point sums and other trajectories from the same "
+             f"seeds). Verdicts that read as the reference's: {agree}. Each cell: the verdict and the claim's first "
+             "paired difference, mean ± std over seeds.", "",
+             "| claim | " + " | ".join([_column(root, "reference")] + columns) + " |",
+             "|---" * (len(runs) + 2) + "|"]
+    for c in claims:
+        cells = [f"**{c['verdict']}**, {_first_part(c)}"]
+        for j in judged:
+            other = j.get(c["key"])
+            cells.append("not run" if other is None else f"**{other['verdict']}**, {_first_part(other)}")
+        lines.append(f"| {c['statement']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -221,7 +232,7 @@ def section(root: str | Path, *, appendix_k: int | None = None) -> str:
     moved = variation(root, appendix_k)
     if moved:
         lines += ["", moved]
-    lines += other_machines(root, claims, appendix_k)
+    lines += comparisons(root, claims, appendix_k)
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="readme_table.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="root", required=True, metavar="DIR",
                         help="the reference logs (docs/results): imagenet/, bert/, appendix/, variation/, "
-                        "machines/NAME/")
+                        "compare/NAME/")
     parser.add_argument("--appendix-k", type=int, help="appendix LAWA/EXP window (default: the only one swept)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", metavar="README", help="replace the section in this file")

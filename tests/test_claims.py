@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `plots`: a top-l
 
 from plots import claims
 from plots.claims import HELD, INCONCLUSIVE, NOT_HELD, share_k, spread, t_quantile
-from plots.readme_table import BEGIN, END, other_machines, replace_section, section
+from plots.readme_table import BEGIN, END, comparisons, replace_section, section
 from plots.tidy import RESULT_COLUMNS, load_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,28 +265,57 @@ def test_readme_section_is_what_the_shipped_logs_give():
         "docs/results --write README.md")
 
 
-def test_other_machines_set_each_verdict_beside_the_references(tmp_path):
-    # The reference: LAWA k=2 ahead in every seed (held); machines/a the same; machines/b behind in every seed.
+def test_comparisons_set_each_runs_verdicts_beside_the_references(tmp_path):
+    # The reference: LAWA k=2 ahead in every seed (held); compare/a the same; compare/b behind in every seed.
     root = tmp_path / "results"
     vision(root, {0: 0.03, 1: 0.02, 2: 0.04})
-    vision(root / "machines" / "a", {0: 0.03, 1: 0.02, 2: 0.04})
-    vision(root / "machines" / "b", {0: -0.03, 1: -0.02, 2: -0.04})
+    for name, offsets in (("a", {0: 0.03, 1: 0.02, 2: 0.04}), ("b", {0: -0.03, 1: -0.02, 2: -0.04})):
+        vision(root / "compare" / name, offsets)
+        (root / "compare" / name / "about.txt").write_text(f"run {name}\n")
     ours = claims.judge_all(load_inputs(imagenet=str(root / "imagenet")))
-    lines = other_machines(root, [c.to_dict() for c in ours])
-    said = [line for line in lines if line.startswith("The same defaults")]
-    n = len(ours)
-    assert len(said) == 2 and f"{n} of {n} verdicts read the same" in said[0]
-    theirs = claims.judge_all(load_inputs(imagenet=str(root / "machines" / "b" / "imagenet")))
-    same = sum(a.verdict == b.verdict for a, b in zip(ours, theirs, strict=True))
-    assert same <= n - 2 and f"{same} of {n} verdicts read the same" in said[1]
-    rows = [line for line in lines if line.startswith("| ") and "this reference" not in line]
-    assert len(rows) == 2 * n
-    for row, a, b in zip(rows[n:], ours, theirs, strict=True):  # machines/b's table: our verdict, then theirs
-        assert row.startswith(f"| {a.statement} | **{a.verdict}**, ") and f"| **{b.verdict}**, " in row
-    ahead = rows[n]
-    assert ahead.startswith("| LAWA is ahead of the baseline mid-training") and "**held**, +3.0" in ahead
-    assert "**not held**, -3.0" in ahead
-    assert other_machines(tmp_path / "none", []) == []
+    theirs = claims.judge_all(load_inputs(imagenet=str(root / "compare" / "b" / "imagenet")))
+    n, same = len(ours), sum(a.verdict == b.verdict for a, b in zip(ours, theirs, strict=True))
+    lines = comparisons(root, [c.to_dict() for c in ours])
+    assert same <= n - 2 and f"a: {n} of {n}; b: {same} of {n}" in lines[1]
+    header, rows = lines[3], lines[5:]
+    assert "| reference (" in header and "| run a (" in header and "| run b (" in header
+    assert len(rows) == n
+    for row, a, b in zip(rows, ours, theirs, strict=True):  # reference, a (= reference), b
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        assert cells[0] == a.statement and cells[1] == cells[2] and cells[1].startswith(f"**{a.verdict}**, ")
+        assert cells[3].startswith(f"**{b.verdict}**, ")
+    assert rows[0].startswith("| LAWA is ahead of the baseline mid-training") and "**held**, +3.0" in rows[0]
+    assert "**not held**, -3.0" in rows[0]
+    assert comparisons(tmp_path / "none", []) == []
+    (root / "compare" / "a" / "about.txt").unlink()
+    with pytest.raises(claims.TidyError, match="about.txt: missing"):
+        comparisons(root, [c.to_dict() for c in ours])
+
+
+def test_ship_logs_copies_the_text_logs_and_the_job_times(tmp_path):
+    from plots.ship_logs import ship
+
+    out = tmp_path / "out"
+    files = {"imagenet/seed0/log.csv": "a", "imagenet/seed0/results.csv": "b", "imagenet/seed0/args.json": "{}",
+             "imagenet/seed0/checkpoint1.pt": "weights", "bert/seed0/checkpoints/args.json": "{}",
+             "bert/seed0/log.csv": "c", "bert/seed0/data-bin/args.json": "x", "figures/summary.json": "{}",
+             "appendix/seed0/sgd/train.out": "console", ".done-imagenet-s0": "12\n", ".cpu-imagenet-s0": "10\n"}
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    to = tmp_path / "logs"
+    ship(out, to)
+    got = sorted(p.relative_to(to).as_posix() for p in to.rglob("*") if p.is_file())
+    assert got == ["bert/seed0/args.json", "bert/seed0/log.csv", "imagenet/seed0/args.json", "imagenet/seed0/log.csv",
+                   "imagenet/seed0/results.csv", "times.txt"]
+    assert (to / "imagenet/seed0/results.csv").read_text() == "b"
+    assert "imagenet-s0" in (to / "times.txt").read_text() and "10" in (to / "times.txt").read_text()
+    with pytest.raises(claims.TidyError, match="already exists"):
+        ship(out, to)
+    (out / "imagenet/seed0/results.csv").write_text("new")
+    ship(out, to, force=True)
+    assert (to / "imagenet/seed0/results.csv").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out"]  # no temporary folder left
 
 
 def test_replace_section_refuses_a_file_without_markers():

@@ -32,7 +32,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python"
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not create $VENV (is python3-venv installed?)"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-echo "setup.sh: installing pinned Python packages into $VENV (first time: ~7 min, fairseq builds from source)"
+echo "setup.sh: installing pinned Python packages into $VENV (first time: ~5 min, fairseq builds from source)"
 "${PIP[@]}" install -U "pip>=24" setuptools wheel || die "pip could not upgrade itself"
 # Build prerequisites of fairseq-fixed come first: it is built with --no-build-isolation so that pip
 # does not fetch a second (CUDA) torch into an isolated build environment.

@@ -16,6 +16,7 @@ as the reference, with an ``about.txt``) beside the reference's.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -119,9 +120,9 @@ def variation(root: Path, appendix_k: int | None = None) -> str | None:
     d_other = d(lawa_other, base_other[seed])
     final_gap = scale * abs(float(base_other[seed].iloc[-1] - base_main[seed].iloc[-1]))
     finals = [scale * float(base_main[s].dropna().iloc[-1]) for s in base_main.columns]
-    return (f"How much the numbers move with the machine: one appendix run (SGD, seed {seed}) repeated with "
-            f"{'/'.join(map(str, threads))} torch threads instead of 1 (a second VM was not available; another "
-            "thread count changes the order of floating-point sums, as another CPU does) ended "
+    return (f"How much the numbers move with the thread count: one appendix run (SGD, seed {seed}) repeated with "
+            f"{'/'.join(map(str, threads))} torch threads instead of 1 (another thread count changes the order of "
+            "floating-point sums, as another CPU does; whole runs on other VMs, if any, follow) ended "
             f"{final_gap:.1f} points of val top-1 apart, against a spread of {statistics.stdev(finals):.1f} points "
             f"(std) between the seeds' final values; its LAWA − SGD mid-run difference was {d_other:+.1f} points "
             f"instead of {d_main[seed]:+.1f} (the seeds: {statistics.fmean(d_main.values()):+.1f} ± "
@@ -154,6 +155,25 @@ def _column(root: Path, about: str) -> str:
     return f"{about} ({model}{speed})"
 
 
+def _log_values(path: Path) -> list[tuple[str, ...]]:
+    with path.open(newline="") as f:
+        return sorted(tuple(row[c] for c in ("method", "k", "epoch", "split", "metric", "value"))
+                      for row in csv.DictReader(f))
+
+
+def _identical_logs(root: Path, other: Path) -> str:
+    """Which trainer logs (``log.csv``) of ``other`` equal the reference's value for value, per run: 'bert 3 of 3'."""
+    found = []
+    for run in ("imagenet", "bert", "appendix"):
+        mine = sorted((root / run).rglob("log.csv"))
+        if not mine:
+            continue
+        twins = [(p, other / p.relative_to(root)) for p in mine]
+        same = sum(twin.is_file() and _log_values(p) == _log_values(twin) for p, twin in twins)
+        found.append(f"{run} {same} of {len(mine)}")
+    return ", ".join(found)
+
+
 def comparisons(root: Path, claims: list[dict], appendix_k: int | None = None) -> list[str]:
     """The verdicts of other runs of reproduce_all.sh beside the reference's: one column per ``root/compare/NAME/``
     (laid out as the reference; its ``about.txt`` says in one line what differs: other sizes, another VM), each
@@ -171,12 +191,14 @@ def comparisons(root: Path, claims: list[dict], appendix_k: int | None = None) -
         theirs = summarize(load_inputs(f["imagenet"], f["bert"], f["appendix"], f["gpt"], appendix_k=appendix_k))
         columns.append(_column(run, about.read_text().strip()))
         judged.append({c["key"]: c for c in theirs["claims"]})
-    agree = "; ".join(f"{name}: {sum(j.get(c['key'], {}).get('verdict') == c['verdict'] for c in claims)} of "
-                      f"{len(claims)}" for name, j in zip([r.name for r in runs], judged, strict=True))
+    agree = "; ".join(f"{run.name}: {sum(j.get(c['key'], {}).get('verdict') == c['verdict'] for c in claims)} of "
+                      f"{len(claims)}" for run, j in zip(runs, judged, strict=True))
+    same_logs = "; ".join(f"{run.name}: {_identical_logs(root, run)}" for run in runs)
     lines = ["", "Other runs of `reproduce_all.sh` beside the reference (each in `" + _shown(folder) + "/NAME/`; "
              "another CPU runs other kernels, so other floating-point sums and other trajectories from the same "
-             f"seeds). Verdicts that read as the reference's: {agree}. Each cell: the verdict and the claim's first "
-             "paired difference, mean ± std over seeds.", "",
+             f"seeds). Verdicts that read as the reference's: {agree}. Trainer logs (`log.csv`) equal to the "
+             f"reference's value for value: {same_logs}. Each cell: the verdict and the claim's first paired "
+             "difference, mean ± std over seeds.", "",
              "| claim | " + " | ".join([_column(root, "reference")] + columns) + " |",
              "|---" * (len(runs) + 2) + "|"]
     for c in claims:

@@ -121,3 +121,67 @@ def test_the_average_command_under_torchrun_averages_a_dcp_run_on_two_ranks_like
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     assert sorted(p.name for p in (tmp_path / "avg2").iterdir() if p.suffix == ".distcp") == [
         "__0_0.distcp", "__1_0.distcp"]
+
+
+def _rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes torchrun started (read from their environments)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != torchrun_pid:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(entry.name)
+    return ranks
+
+
+def test_a_rank_killed_mid_write_publishes_nothing_and_a_rerun_succeeds(tmp_path):
+    """kill -9 of rank 1 once the DCP output's temporary directory exists: torchrun fails, no output is published,
+    and the same command run again cleans the dead job's temporary and equals the 1-process average."""
+    import time
+
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    for s in (10, 20, 30):
+        g = torch.Generator().manual_seed(s)
+        model = {f"block{i}.weight": torch.randn(1024, 2048, generator=g) for i in range(8)}
+        dcp.save({"model": model}, checkpoint_id=str(run / f"step-{s}"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = ["-m", "lawa_utils", "average", "--dir", str(run), "--k", "3", "--out"]
+    out = tmp_path / "avg2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port())]
+    proc = subprocess.Popen([*torchrun, *command, str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed, deadline = False, time.monotonic() + TIMEOUT
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(".avg2.part") for p in tmp_path.iterdir()):
+                ranks = _rank_pids(proc.pid)
+                if 1 in ranks:
+                    os.kill(ranks[1], signal.SIGKILL)
+                    killed = True
+                    break
+            time.sleep(0.002)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed, "the job ended before its output's temporary appeared"
+    assert proc.returncode != 0 and not out.exists()
+    again = subprocess.run([*torchrun[:-1], str(free_port()), *command, str(out)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    one = subprocess.run([sys.executable, *command, str(tmp_path / "avg1")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    expected = lawa_io.open_checkpoint(tmp_path / "avg1").state()
+    got = lawa_io.open_checkpoint(out).state()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not [p.name for p in tmp_path.iterdir() if ".part" in p.name]

@@ -14,7 +14,9 @@ layout              names                                     unit   zero-based
                     pytorch/examples, fairseq's epoch files)
 ``fairseq-updates`` ``checkpoint_{E}_{U}.pt`` (position U)     step   no
 ``hf``              ``checkpoint-{step}/`` (Trainer)           step   no
-``pythia``          ``step{N}/`` (revision directories)        step   no
+``pythia``          ``step{N}/`` (revision directories; in a   step   no
+                    hub cache folder ``models--ORG--NAME/``,
+                    the ``refs/step{N}`` revisions)
 ``accelerate``      ``checkpoint_{i}/`` (``save_state`` with    epoch  yes
                     automatic naming: i counts the saves from
                     0, one per epoch), ``epoch_{E}/`` (0-based),
@@ -368,6 +370,27 @@ def _build(root: Path | None, layout: str, unit: str, zero_based: bool, found: d
     return Trajectory(root, layout, unit, positions, tuple(found[p][0] for p in positions), zero_based)
 
 
+def _from_hub_cache(root: Path) -> Trajectory:
+    """A Hugging Face hub cache folder (``models--ORG--NAME/``, as ``from_pretrained(revision="step1000")`` fills
+    it): each revision in ``refs/`` named like a checkpoint (Pythia's ``step{N}``, ``checkpoint-{N}``) is the
+    snapshot whose commit it names."""
+    found = []
+    for ref in sorted((root / "refs").iterdir()):
+        m = _PYTHIA_DIR.match(ref.name) or _HF_DIR.match(ref.name)
+        if not m or not ref.is_file():
+            continue
+        commit = ref.read_text().strip()
+        snapshot = root / "snapshots" / commit
+        if not snapshot.is_dir():
+            raise LawaError(f"{ref} names commit {commit}, which {root / 'snapshots'} does not hold (an "
+                            "interrupted download?)")
+        found.append((int(m["pos"]), snapshot))
+    if not found:
+        raise LawaError(f"{root} is a Hugging Face cache folder with no revision named step{{N}} or checkpoint-{{N}} "
+                        "in refs/ (download them with revision='step1000', ...)")
+    return _build(root, "pythia", "step", False, _group(found))
+
+
 def _lightning(root: Path | None, hits: list[_Hit]) -> Trajectory:
     """Lightning: position by epoch (0-based) when each file has its own epoch, else by step."""
     epochs = [h.position for h in hits]
@@ -405,6 +428,8 @@ def find_trajectory(directory: str | os.PathLike, *, pattern: str | None = None)
     root = _check_directory(directory)
     if pattern is not None:
         return _find_by_pattern(root, pattern)
+    if (root / "refs").is_dir() and (root / "snapshots").is_dir():
+        return _from_hub_cache(root)
     by_layout: dict[str, list[_Hit]] = collections.defaultdict(list)
     for entry in root.iterdir():
         hit = _classify(entry)

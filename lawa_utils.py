@@ -759,7 +759,8 @@ def add_average_args(avg: argparse.ArgumentParser) -> None:
     """
     src = avg.add_argument_group("inputs: either --dir [--pattern] [--end] --k, or --files")
     src.add_argument("--dir", type=Path, help="a run directory in any layout LAWA recognises: checkpoint{E}.pt, "
-                     "checkpoint_{E}_{U}.pt, checkpoint-{step}/, step{N}/, Accelerate's checkpoint_{i}/, "
+                     "checkpoint_{E}_{U}.pt, checkpoint-{step}/, step{N}/ (or a hub cache models--ORG--NAME/), "
+                     "Accelerate's checkpoint_{i}/, "
                      "epoch={E}-step={S}.ckpt, "
                      "checkpoint-{E}.pth.tar, model_{E}.pth, numbered DCP directories")
     src.add_argument("--pattern", help="names of the checkpoints in --dir when no layout fits, e.g. 'ep{E:03d}.pt' "

@@ -334,6 +334,56 @@ def sharded_run(tmp_path_factory):
     return root
 
 
+def _hub_cache_repo(cache: Path, repo_id: str, revisions: dict[str, Path]) -> Path:
+    """Files laid out as huggingface_hub's cache holds a download of ``revisions`` ({name: folder}): content in
+    blobs/ by hash, snapshots/COMMIT/ of symlinks, refs/NAME holding the commit."""
+    import hashlib
+
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    for name, folder in revisions.items():
+        commit = hashlib.sha1(name.encode()).hexdigest()
+        for f in folder.iterdir():
+            blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_bytes(f.read_bytes())
+            link = root / "snapshots" / commit / f.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / name).write_text(commit)
+    return root
+
+
+def test_public_checkpoints_in_the_hub_cache_average_by_their_revisions(tmp_path, capsys):
+    """Pythia-style revisions as from_pretrained(revision="step{N}") leaves them in the hub cache: the cache folder
+    is the trajectory, its refs/step{N} the positions; transformers reads both the cache and the average."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(3)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=16))
+    saved = {}
+    for step in (1000, 2000, 3000):
+        perturb_(model, step)
+        model.save_pretrained(tmp_path / "saved" / f"step{step}")
+        saved[f"step{step}"] = tmp_path / "saved" / f"step{step}"
+    cache = tmp_path / "hub"
+    root = _hub_cache_repo(cache, "org/pythia-tiny", {"main": saved["step3000"], **saved})
+    def load(**kw):
+        return GPTNeoXForCausalLM.from_pretrained(local_files_only=True, **kw).state_dict()
+    inputs = [load(pretrained_model_name_or_path="org/pythia-tiny", revision=f"step{s}", cache_dir=cache)
+              for s in (2000, 3000)]  # the hub's own resolution of the revisions
+    run = lt.find_trajectory(root)
+    assert (run.layout, run.unit, run.positions) == ("pythia", "step", (1000, 2000, 3000))
+    out = tmp_path / "lawa"
+    status, _, stderr = average(capsys, "--dir", root, "--k", 2, "--out", out)
+    assert status == 0, stderr
+    assert_state_close(load(pretrained_model_name_or_path=out), mean_state(inputs), "hub cache")
+    (root / "refs" / "step4000").write_text("0" * 40)  # a revision whose snapshot is missing
+    status, _, stderr = average(capsys, "--dir", root, "--k", 2, "--out", tmp_path / "x")
+    assert status == 2 and "step4000 names commit" in stderr
+
+
 def test_sharded_save_pretrained_run_keeps_its_sharding(sharded_run, tmp_path, capsys):
     from transformers import BertForMaskedLM
 

@@ -91,9 +91,9 @@ def make(inputs: Inputs, out: Path) -> list[Path]:
         ax.set_ylabel(f"LAWA − baseline\n{axis_label(metric, run.name)}")
         if split_metric(metric)[1].startswith("acc"):  # points, whether stored as fractions or percent
             ax.yaxis.set_major_formatter(_points(100 if float(base.max().max()) <= 1 else 1))
-        ax.annotate("LAWA better ↑" if higher else "LAWA better ↓", xy=(0.98, 0.97 if higher else 0.03),
-                    xycoords="axes fraction", ha="right", va="top" if higher else "bottom", fontsize=8.5,
-                    color="0.3")
+        # Top right whichever way is better: late in the run the curves meet at 0, far from the top.
+        ax.annotate("LAWA better ↑" if higher else "LAWA better ↓", xy=(0.98, 0.97), xycoords="axes fraction",
+                    ha="right", va="top", fontsize=8.5, color="0.3")
         ax.set_xlabel(base.index.name if base.index.name == "step" else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         # Below the panel: the early, most negative part of the curves is what this figure is about.

@@ -24,7 +24,8 @@ layout              names                                     unit   zero-based
                     ``model.safetensors`` or ``pytorch_model.bin``
 ``lightning``       ``epoch={E}-step={S}.ckpt``, also           epoch  yes
                     ``{E}-{S}.ckpt`` (position S, unit step,
-                    when several files share an epoch)
+                    when several files share an epoch); a
+                    sharded (FSDP) one is a DCP directory
 ``timm``            ``checkpoint-{E}.pth.tar``                 epoch  yes
 ``torchvision``     ``model_{E}.pth``                          epoch  yes
 ``dcp``             any numbered directory holding a           step   no
@@ -280,6 +281,8 @@ def _classify(entry: Path) -> _Hit | None:
     name = entry.name
     if entry.is_dir():
         if (entry / ".metadata").is_file():
+            if name.endswith(".ckpt"):  # Lightning's FSDP/ModelParallel sharded checkpoints: DCP directories
+                return _lightning_hit(name, entry)
             m = _NUMBERED_DIR.match(name)
             if m:
                 unit = "epoch" if m["prefix"].lower().startswith("epoch") else "step"
@@ -299,12 +302,17 @@ def _classify(entry: Path) -> _Hit | None:
         if m:
             return _Hit(layout, unit, zero_based, int(m["pos"]), path=entry)
     if name.endswith(".ckpt"):
-        m = _LIGHTNING_NAMED.search(name) or _LIGHTNING_BARE.match(name)
-        if m:
-            return _Hit("lightning", "epoch", True, int(m["epoch"]), int(m["step"]) if m["step"] else None, entry)
-        m = _LIGHTNING_STEP_ONLY.search(name)
-        if m:
-            return _Hit("lightning", "step", False, None, int(m["step"]), entry)
+        return _lightning_hit(name, entry)
+    return None
+
+
+def _lightning_hit(name: str, entry: Path) -> _Hit | None:
+    m = _LIGHTNING_NAMED.search(name) or _LIGHTNING_BARE.match(name)
+    if m:
+        return _Hit("lightning", "epoch", True, int(m["epoch"]), int(m["step"]) if m["step"] else None, entry)
+    m = _LIGHTNING_STEP_ONLY.search(name)
+    if m:
+        return _Hit("lightning", "step", False, None, int(m["step"]), entry)
     return None
 
 

@@ -101,6 +101,9 @@ LAYOUT_CASES = [
     (["epoch=0-step=5.ckpt", "epoch=0-step=10.ckpt", "epoch=1-step=15.ckpt"], "lightning", "step", False,
      (5, 10, 15)),
     (["0-5.ckpt", "1-10.ckpt"], "lightning", "epoch", True, (0, 1)),
+    # Lightning's sharded (FSDP) checkpoints: DCP directories named as its files
+    (["epoch=1-step=20.ckpt/.metadata", "epoch=0-step=10.ckpt/.metadata", "last.ckpt/.metadata"], "lightning",
+     "epoch", True, (0, 1)),
     (["checkpoint-2.pth.tar", "checkpoint-10.pth.tar", "last.pth.tar", "model_best.pth.tar", "recovery-3-40.pth.tar",
       "milestone-3.pth.tar", "tmp.pth.tar", "summary.csv", "args.yaml"], "timm", "epoch", True, (2, 10)),
     (["model_11.pth", "model_9.pth", "model_10.pth", "checkpoint.pth"], "torchvision", "epoch", True, (9, 10, 11)),

@@ -39,8 +39,11 @@ attempt("good", run, os.path.join(root, "avg-2ranks"))
 # rank 1 is given another trajectory (one checkpoint fewer): the ranks must notice before writing anything
 attempt("mismatch", run if rank == 0 else run[1:], os.path.join(root, "avg-mismatch"))
 attempt("nan", [*run, os.path.join(root, "nan")], os.path.join(root, "avg-nan"))
-print(json.dumps(results))
+print(json.dumps(results), flush=True)
 dist.destroy_process_group()
+# The interpreter's teardown after DCP on gloo ranks aborts now and then ('terminate called without an active
+# exception', exit -6) once all work is done; `lawa average` ends its ranks this way too (lawa_utils._exit_now).
+os._exit(0)
 """
 
 

@@ -540,5 +540,6 @@ def test_peak_memory_is_about_two_of_the_largest_tensor_whatever_the_model_size_
     floor, peak = map(int, done.stdout.split())
     largest = (1 << 20) * 4
     print(f"peak anonymous memory above the floor: {(peak - floor) / largest:.2f} x the largest tensor")
-    # the sum and one input tensor plus allocator slack: measured 2.05-3.0 x here; one model is 8 x, k models 32 x
-    assert peak - floor <= 4 * largest, (floor, peak)
+    # the sum and one input tensor plus allocator slack: measured 2.05-3.0 x on one VM, 3.0 x and now and then 4.0 x
+    # (the previous tensor's buffer not yet freed) on another; one model is 8 x, k models 32 x
+    assert peak - floor <= 5 * largest, (floor, peak)

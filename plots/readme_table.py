@@ -67,8 +67,8 @@ def _interval_clear(claim: dict) -> bool:
                for p in claim["parts"].values())
 
 
-def machine_line(root: Path) -> str:
-    """The reference machine as the runs' args.json recorded it: CPU, cores, torch build, micro-benchmark."""
+def _hardware_records(root: Path) -> list[dict]:
+    """The ``hardware`` record of every run's args.json below ``root``, variation/ and compare/ aside."""
     records = []
     for path in sorted(root.rglob("args.json")):
         if {"variation", "compare"} & set(path.relative_to(root).parts):
@@ -77,6 +77,12 @@ def machine_line(root: Path) -> str:
             records.append(json.loads(path.read_text())["hardware"])
         except (OSError, ValueError, KeyError) as err:
             raise TidyError(f"{path}: no hardware record ({err})") from None
+    return records
+
+
+def machine_line(root: Path) -> str:
+    """The reference machine as the runs' args.json recorded it: CPU, cores, torch build, micro-benchmark."""
+    records = _hardware_records(root)
     with_bench = [r for r in records if "benchmark" in r]
     if not with_bench:
         return "The shipped logs do not record the machine."
@@ -133,14 +139,9 @@ def variation(root: Path, appendix_k: int | None = None) -> str | None:
 
 def _hardware(root: Path) -> tuple[str, float | None]:
     """The CPU model and median matmul GFLOP/s that the runs below ``root`` recorded (variation/, compare/ aside)."""
-    models, gflops = set(), []
-    for path in sorted(root.rglob("args.json")):
-        if {"variation", "compare"} & set(path.relative_to(root).parts):
-            continue
-        hardware = json.loads(path.read_text()).get("hardware", {})
-        models.add(hardware.get("cpu_model", "?"))
-        if "benchmark" in hardware:
-            gflops.append(hardware["benchmark"]["matmul_gflops"])
+    records = _hardware_records(root)
+    models = {r.get("cpu_model", "?") for r in records}
+    gflops = [r["benchmark"]["matmul_gflops"] for r in records if "benchmark" in r]
     return " / ".join(sorted(models)) or "?", statistics.median(gflops) if gflops else None
 
 

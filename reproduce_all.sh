@@ -155,6 +155,17 @@ figures() {
 
 START=$(date +%s); bash "$REPO/setup.sh"   # always: idempotent, seconds when everything is installed
 echo "setup: $(( $(date +%s) - START )) s"
+# Disk: an embedded seed keeps about 3 GB of per-epoch checkpoints (measured: vision 1.1, appendix 1.7, masked
+# LM 0.2), the trajectories its sweeps and methods read. Fail now, not an hour in, when they cannot fit.
+if [ -z "${IMAGENET:-}${WIKITEXT:-}${CKPT_DIR:-}${BERT_CKPT_DIR:-}" ] && [ "$APX_DATA" = fashion-mnist ]; then
+    n_seeds=$(wc -w <<< "$SEEDS")
+    need_mb=$(( n_seeds * 3072 - $(du -sm "$OUT" | cut -f1) ))
+    free_mb=$(df -Pm "$OUT" | awk 'NR == 2 { print $4 }')
+    if [ "$need_mb" -gt "$free_mb" ]; then
+        echo "reproduce_all.sh: $OUT needs about $need_mb MB more for $n_seeds seeds' checkpoints; $free_mb MB are free (OUT=/other/disk or fewer SEEDS)" >&2
+        exit 1
+    fi
+fi
 # The seeds of the vision and masked-LM runs: all of SEEDS embedded, the first at paper scale or when sweeping
 # a given trajectory (one run there is days of GPU time, and a given trajectory has one seed).
 first_seed() { echo "${SEEDS%% *}"; }

@@ -62,6 +62,13 @@ import torch
 
 from lawa_tidy import LawaError
 
+if torch.distributed.is_available():
+    # torch.distributed.nn.functional binds group.WORLD as default arguments when it is imported; imported after
+    # init_process_group (DCP imports it), that keeps the default group alive past destroy_process_group, and its
+    # gloo threads can then abort the interpreter's exit (std::terminate freeing a collective's tensors without
+    # the GIL, exit -6). Imported here, before any group exists, it binds None.
+    import torch.distributed.nn  # noqa: F401
+
 __all__ = [
     "MAIN",
     "SAFE_GLOBALS",

@@ -28,7 +28,6 @@ Errors meant for people are :class:`LawaError` with a one-line message naming th
 from __future__ import annotations
 
 import argparse
-import atexit
 import collections
 import math
 import os
@@ -856,7 +855,6 @@ def average_command(args: argparse.Namespace) -> None:
             reader.close()
         if started:
             torch.distributed.destroy_process_group()
-            atexit.register(_exit_now)
     if rank != 0:
         return  # rank 0 speaks for the job
     entries = ", ".join(map(str, report.get("entries") or []))
@@ -864,19 +862,6 @@ def average_command(args: argparse.Namespace) -> None:
                     f"{entries or 'none'}", args.out)
     for note in report.get("notes") or []:
         print(f"note: {note}")
-
-
-def _exit_now() -> None:
-    """End a process that ran the command on several ranks without the interpreter's teardown: after a DCP average
-    on 2 gloo ranks that teardown aborted one process in about 1 run of 3 ('terminate called without an active
-    exception', exit -6) once the output was published. Registered last, so it runs first among the exit handlers;
-    the status is main()'s (1 if the command ended in an unexpected exception)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_EXIT_STATUS[0])
-
-
-_EXIT_STATUS = [1]  # main() sets 0 or 2
 
 
 def _print_averaged(run, positions: list[int], weights: list[float], what: str, out: Path) -> None:
@@ -906,9 +891,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "lawa_utils") -> int:
             average_command(args)
     except LawaError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        _EXIT_STATUS[0] = 2
         return 2
-    _EXIT_STATUS[0] = 0
     return 0
 
 

@@ -39,11 +39,10 @@ attempt("good", run, os.path.join(root, "avg-2ranks"))
 # rank 1 is given another trajectory (one checkpoint fewer): the ranks must notice before writing anything
 attempt("mismatch", run if rank == 0 else run[1:], os.path.join(root, "avg-mismatch"))
 attempt("nan", [*run, os.path.join(root, "nan")], os.path.join(root, "avg-nan"))
-print(json.dumps(results), flush=True)
 dist.destroy_process_group()
-# The interpreter's teardown after DCP on gloo ranks aborts now and then ('terminate called without an active
-# exception', exit -6) once all work is done; `lawa average` ends its ranks this way too (lawa_utils._exit_now).
-os._exit(0)
+# The group must really be gone: gloo threads that outlive it can abort the interpreter's exit (exit -6)
+results["threads"] = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(json.dumps(results), flush=True)
 """
 
 
@@ -100,6 +99,8 @@ def test_dcp_average_on_two_ranks_equals_one_rank_and_fails_closed(tmp_path):
         assert all(not o[case]["ok"] and message in o[case]["error"] for o in outputs), (case, outputs)
         assert not (tmp_path / f"avg-{case}").exists()
     assert not [p.name for p in tmp_path.iterdir() if ".part" in p.name]
+    # DCP, imported after init_process_group, must not pin the group (lawa_io imports torch.distributed.nn first)
+    assert all(not [t for t in o["threads"] if "gloo" in t] for o in outputs), [o["threads"] for o in outputs]
 
 
 def test_the_average_command_under_torchrun_averages_a_dcp_run_on_two_ranks_like_one_process(tmp_path):

@@ -1,6 +1,6 @@
 """lawa_sweep and ``lawa sweep``: every method against an independent average, resume after kill -9, the
 console command with a user's evaluation file, sharding over 2 gloo ranks (equal to one process, every cell
-once, also after one rank is killed), and step-indexed runs."""
+once, also after one rank is killed; a DCP trajectory), and step-indexed runs."""
 
 from __future__ import annotations
 
@@ -342,3 +342,25 @@ def test_two_gloo_ranks_equal_one_process_and_a_rerun_after_a_killed_rank_comple
     slurm(*args, "--out", str(out))  # the rerun starts as srun would: SLURM variables, no torchrun
     assert_once_and_equal(out, cells(reference))
     assert not list(tmp_path.glob("killed.csv.part*"))
+
+
+def test_a_dcp_trajectory_swept_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """DCP step-{N}/ directories (model and optimizer subtrees) through ``lawa sweep``: the ranks read their
+    windows with DCP's reader under a live process group and end cleanly; every cell once, the same values."""
+    import torch.distributed.checkpoint as dcp
+
+    for e in range(1, N + 1):
+        dcp.save({"model": theta(e), "optimizer": {"lr": torch.tensor(0.1)}},
+                 checkpoint_id=str(tmp_path / "run" / f"step-{100 * e}"), no_dist=True)
+    (tmp_path / "my_eval.py").write_text(EVAL_FILE)
+    args = ["sweep", "--method", "uni,ema,swa", "--ks", "2,3", "--decays", "0.5", "--swa-starts", "200",
+            "--dir", str(tmp_path / "run"), "--eval", f"{tmp_path / 'my_eval.py'}:evaluate"]
+    lawa(*args, "--out", str(tmp_path / "one.csv"))
+    torchrun(*args, "--out", str(tmp_path / "two.csv"))
+    one = cells(tmp_path / "one.csv")
+    assert set(one["unit"]) == {"step"} and one.groupby(["method", "epoch", "k"]).ngroups == 8 + 13 + 8 + 7
+    sums = one[(one["metric"] == "sum") & (one["method"] == "lawa")]
+    for row in sums.itertuples():  # epoch column: steps; checkpoint i is step 100 i
+        want = expected(closed_form("lawa", row.epoch // 100, row.k))
+        assert row.value == pytest.approx(want, rel=1e-6, abs=1e-5)
+    assert_once_and_equal(tmp_path / "two.csv", one)

@@ -81,6 +81,7 @@ __all__ = [
     "open_checkpoint",
 ]
 
+CHUNK_ELEMENTS = 1 << 22  # a tensor larger than this many elements is averaged in pieces of it (16 MB of float32)
 MAIN = "model"  # the entry name when the whole container is one model (plain state dict, safetensors, HF, DCP)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
 
@@ -397,6 +398,15 @@ class CheckpointReader:
     def state(self, entry: str | None = None) -> dict[str, torch.Tensor]:
         return {key: self.tensor(key, entry) for key in self.meta(entry)}
 
+    def ranged(self, key: str, entry: str | None = None) -> bool:
+        """Whether :meth:`tensor_range` reads only the bytes it returns, so that a large tensor can be averaged
+        piece by piece (safetensors: yes; the generic fallback below materialises the whole tensor)."""
+        return False
+
+    def tensor_range(self, key: str, start: int, stop: int, entry: str | None = None) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``key`` flattened (row-major)."""
+        return self.tensor(key, entry).reshape(-1)[start:stop]
+
     def raw_key(self, key: str, entry: str | None = None) -> str:
         """The key as the container stores it (with its wrapper prefix)."""
         return key
@@ -588,19 +598,36 @@ class SafetensorsReader(CheckpointReader):
         raw = self._prefix + key
         if raw not in self._meta:
             raise self._missing(key, entry)
-        # pread into memory this process owns, not safe_open's mapping: mapped pages stay resident until the
-        # file is closed, so a k-file average held every byte it had read (10.2 GB peak RSS against 1.3 GB this
-        # way, on a 1.6 GB model with k = 6; BENCHMARKS.md, F).
-        start, end = self._offsets[raw]
         shape, dtype = self._meta[raw]
-        buf = bytearray(end - start)
-        if buf:
-            with open(self.path, "rb") as f:
-                got = os.preadv(f.fileno(), [buf], start)
-            if got != len(buf):
-                raise LawaError(f"{self.path}: tensor '{raw}' is truncated ({got} of {len(buf)} bytes)")
-            return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
-        return torch.empty(shape, dtype=dtype)
+        return self._pread(raw, 0, shape.numel()).reshape(shape)
+
+    def ranged(self, key: str, entry: str | None = None) -> bool:
+        return True
+
+    def tensor_range(self, key: str, start: int, stop: int, entry: str | None = None) -> torch.Tensor:
+        self._entry(entry)
+        raw = self._prefix + key
+        if raw not in self._meta:
+            raise self._missing(key, entry)
+        return self._pread(raw, start, min(stop, self._meta[raw][0].numel()))
+
+    def _pread(self, raw: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of a stored tensor, flat. pread into memory this process owns, not safe_open's
+        mapping: mapped pages stay resident until the file is closed, so a k-file average held every byte it had
+        read (10.2 GB peak RSS against 1.3 GB this way, on a 1.6 GB model with k = 6; BENCHMARKS.md, F)."""
+        begin, end = self._offsets[raw]
+        dtype = self._meta[raw][1]
+        first, last = begin + start * dtype.itemsize, begin + max(stop, start) * dtype.itemsize
+        if last > end:
+            raise LawaError(f"{self.path}: tensor '{raw}' is truncated (its header says {end - begin} bytes)")
+        buf = bytearray(last - first)
+        if not buf:
+            return torch.empty(0, dtype=dtype)
+        with open(self.path, "rb") as f:
+            got = os.preadv(f.fileno(), [buf], first)
+        if got != len(buf):
+            raise LawaError(f"{self.path}: tensor '{raw}' is truncated ({got} of {len(buf)} bytes)")
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
 
     def close(self) -> None:
         self._file = None
@@ -696,6 +723,20 @@ class HFReader(CheckpointReader):
         if raw not in self._where:
             raise self._missing(key, entry)
         return self.raw_tensor(raw)
+
+    def ranged(self, key: str, entry: str | None = None) -> bool:
+        shard = self.shards.get(self._where.get(self._prefix + key, ""))
+        return isinstance(shard, SafetensorsReader)
+
+    def tensor_range(self, key: str, start: int, stop: int, entry: str | None = None) -> torch.Tensor:
+        self._entry(entry)
+        raw = self._prefix + key
+        if raw not in self._where:
+            raise self._missing(key, entry)
+        shard = self.shards[self._where[raw]]
+        if isinstance(shard, SafetensorsReader):
+            return shard.tensor_range(raw[len(shard._prefix):], start, stop)
+        return self.raw_tensor(raw).reshape(-1)[start:stop]
 
     def close(self) -> None:
         for shard in self.shards.values():
@@ -938,10 +979,30 @@ class _Averager:
             return t
         out_dtype = self.dtype or dtype
         acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-        acc = torch.zeros(shape, dtype=acc_dtype)
+        numel = shape.numel()
+        self.tensors += 1
+        if numel <= CHUNK_ELEMENTS or not all(r.ranged(key, entry) for r in self.readers):
+            acc = self._sum(key, acc_dtype, lambda r: r.tensor(key, entry))
+            return acc if acc.dtype == out_dtype else acc.to(out_dtype)
+        # A large tensor whose inputs can be read piece by piece: the float32 sum of one piece at a time, so the
+        # memory is the output plus a piece per input, not a full-size float32 sum beside a full-size input.
+        # Pieces are whole multiples of CHUNK_ELEMENTS, so the vectorised kernels see the same elements in the
+        # same lanes as on the whole tensor: the same bits.
+        out = torch.empty(shape, dtype=out_dtype)
+        flat = out.view(-1)
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, numel)
+            flat[start:stop] = self._sum(key, acc_dtype, lambda r, a=start, b=stop: r.tensor_range(key, a, b, entry))
+        return out
+
+    def _sum(self, key: str, acc_dtype: torch.dtype, read: Callable[[CheckpointReader], torch.Tensor]) -> torch.Tensor:
+        """Σ w_i x_i over the readers (oldest first) of what ``read`` returns, in ``acc_dtype``; NaN/Inf refused."""
+        acc = None
         for i, reader in enumerate(self.readers):
-            t = reader.tensor(key, entry)
+            t = read(reader)
             self.bytes_read += t.nbytes
+            if acc is None:
+                acc = torch.zeros(t.shape, dtype=acc_dtype)
             # bf16/fp16/fp32 add into the float32 sum in place; fp8 has no such kernels and is widened first
             x = t if t.dtype in (acc_dtype, torch.float16, torch.bfloat16) else t.to(acc_dtype)
             # one cheap pass; isfinite(x) allocates a full-size temporary, so it only confirms
@@ -951,8 +1012,7 @@ class _Averager:
             del t, x
         if self.weights is None:
             acc.div_(len(self.readers))  # sum, then one division: the same bits as lawa_utils' averages
-        self.tensors += 1
-        return acc if acc.dtype == out_dtype else acc.to(out_dtype)
+        return acc
 
 
 def _part_name(path: Path, *, directory: bool = True) -> Path:
@@ -1031,6 +1091,7 @@ def _write_safetensors(path: Path, keys: Sequence[tuple[str, torch.Size, torch.d
             if t.shape != shape or t.dtype != dtype:
                 raise LawaError(f"{path}: '{key}' came out {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
             f.write(_view_bytes(t))
+            del t  # before the next produce(): else two averaged tensors are alive at once
         f.flush()
         os.fsync(f.fileno())
     return start

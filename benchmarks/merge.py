@@ -487,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         data = args.data if args.data is not None else stack.enter_context(common.scratch_dir(NAME))
         data.mkdir(parents=True, exist_ok=True)
-        common.free_disk_or_exit(data, 0 if (data / "run" / "manifest.json").exists() else
-                                 2 * (args.k + 3) * 2 * args.vocab * args.hidden * (2 + args.layers * 6),
+        h, kv = args.hidden, args.hidden * args.kv_heads // args.heads
+        params = 2 * args.vocab * h + args.layers * (2 * h * h + 2 * h * kv + 3 * h * args.intermediate)
+        # bf16: the k inputs, the oracle and two outputs at a time
+        common.free_disk_or_exit(data, 0 if (data / "run" / "manifest.json").exists() else 2 * params * (args.k + 3),
                                  "use --data on a larger disk, or a smaller --layers/--k")
         run = data / "run"
         dirs = write_hf_run(run, config, args.k, args.seed)

@@ -81,6 +81,7 @@ __all__ = [
     "open_checkpoint",
 ]
 
+LIGHTNING_META = "meta.pt"  # the non-tensor part of a Lightning sharded checkpoint directory
 CHUNK_ELEMENTS = 1 << 22  # a tensor larger than this many elements is averaged in pieces of it (16 MB of float32)
 MAIN = "model"  # the entry name when the whole container is one model (plain state dict, safetensors, HF, DCP)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP/DataParallel and torch.compile wrappers
@@ -923,7 +924,19 @@ class DCPReader(CheckpointReader):
             report["notes"].append("copy_training_state does not apply to DCP outputs: only the model is written")
         with _quiet_dcp():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=world == 1)
+        if rank == 0:
+            self.copy_lightning_meta(tmp, report)
         return sum(t.nbytes for t in state.values())
+
+    def copy_lightning_meta(self, tmp: Path, report: dict[str, Any]) -> None:
+        """Lightning's sharded checkpoints (``epoch=E-step=S.ckpt/``) keep everything that is not a tensor in
+        ``meta.pt``, and Lightning only takes a directory that has one for a checkpoint: copied byte for byte
+        (never unpickled here), so ``Trainer.validate/test/predict(ckpt_path=...)`` read the average."""
+        meta = self.path / LIGHTNING_META
+        if meta.is_file():
+            shutil.copy2(meta, tmp / LIGHTNING_META)
+            report["notes"].append(f"copied {LIGHTNING_META} (Lightning's non-tensor state) from {self.path.name}; "
+                                   "no optimizer state is written, so it cannot resume fitting")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1415,6 +1428,7 @@ def _average_on_ranks(readers, weights, out: Path, entries, dtype, force, copy_t
     if rank == 0:
         try:
             if error is None:
+                newest.copy_lightning_meta(tmp, job.report)
                 _publish(tmp, out, force=force)
         except (LawaError, OSError) as exc:
             result = [f"{out}: publishing failed ({_short(exc)})"]

@@ -720,3 +720,32 @@ def test_method_averages_read_any_layout_in_index_space(timm_run, dcp_run):
     (end, k, state), = lu.iter_window_averages(steps, [2], ends=[30])  # DCP directories, in positions
     assert (end, k) == (30, 2)
     assert_state_close(state, mean_state([_dcp_model_state(steps.path(s)) for s in (20, 30)]), "dcp window")
+
+
+def test_lightning_sharded_checkpoints_average_into_a_directory_lightning_takes_for_one(tmp_path, capsys):
+    """Lightning's FSDP sharded checkpoints as its FSDPStrategy.save_checkpoint lays them out: a DCP directory
+    epoch=E-step=S.ckpt with the model under ``model``, the optimizer under ``optimizer_0`` and the rest in
+    meta.pt. The average is a DCP directory with the newest meta.pt byte for byte: Lightning's own test for a
+    sharded checkpoint accepts it, and its own loader reads the averaged weights."""
+    import torch.distributed.checkpoint as dcp
+    from lightning_fabric.strategies.fsdp import _distributed_checkpoint_load, _is_sharded_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    run, states = tmp_path / "version_0" / "checkpoints", []
+    for epoch in range(3):
+        g = torch.Generator().manual_seed(epoch)
+        state = {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+        d = run / f"epoch={epoch}-step={5 * (epoch + 1)}.ckpt"
+        dcp.save({"model": state, "optimizer_0": {"state": {"0": {"exp_avg": torch.ones(3)}}}}, checkpoint_id=str(d))
+        torch.save({"epoch": epoch, "global_step": 5 * (epoch + 1), "loops": {}, "callbacks": {}}, d / "meta.pt")
+        states.append(state)
+    out = tmp_path / "lawa.ckpt"
+    status, printed, err = average(capsys, "--dir", run.parent, "--k", "2", "--out", out)
+    assert status == 0, err
+    assert "copied meta.pt" in printed
+    assert _is_sharded_checkpoint(out)
+    newest = run / "epoch=2-step=15.ckpt"
+    assert (out / "meta.pt").read_bytes() == (newest / "meta.pt").read_bytes()
+    loaded = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    _distributed_checkpoint_load(loaded, out)
+    assert_state_close(loaded["model"], mean_state(states[1:]), "lightning sharded")

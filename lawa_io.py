@@ -594,22 +594,23 @@ class SafetensorsReader(CheckpointReader):
         cut = len(self._prefix)
         return {k[cut:]: v for k, v in self._meta.items()}
 
-    def tensor(self, key: str, entry: str | None = None) -> torch.Tensor:
+    def _raw(self, key: str, entry: str | None) -> str:
         self._entry(entry)
         raw = self._prefix + key
         if raw not in self._meta:
             raise self._missing(key, entry)
-        shape, dtype = self._meta[raw]
+        return raw
+
+    def tensor(self, key: str, entry: str | None = None) -> torch.Tensor:
+        raw = self._raw(key, entry)
+        shape = self._meta[raw][0]
         return self._pread(raw, 0, shape.numel()).reshape(shape)
 
     def ranged(self, key: str, entry: str | None = None) -> bool:
         return True
 
     def tensor_range(self, key: str, start: int, stop: int, entry: str | None = None) -> torch.Tensor:
-        self._entry(entry)
-        raw = self._prefix + key
-        if raw not in self._meta:
-            raise self._missing(key, entry)
+        raw = self._raw(key, entry)
         return self._pread(raw, start, min(stop, self._meta[raw][0].numel()))
 
     def _pread(self, raw: str, start: int, stop: int) -> torch.Tensor:
@@ -730,14 +731,12 @@ class HFReader(CheckpointReader):
         return isinstance(shard, SafetensorsReader)
 
     def tensor_range(self, key: str, start: int, stop: int, entry: str | None = None) -> torch.Tensor:
+        if not self.ranged(key, entry):  # a .bin shard, or no such tensor: tensor() reads or raises
+            return super().tensor_range(key, start, stop, entry)
         self._entry(entry)
         raw = self._prefix + key
-        if raw not in self._where:
-            raise self._missing(key, entry)
         shard = self.shards[self._where[raw]]
-        if isinstance(shard, SafetensorsReader):
-            return shard.tensor_range(raw[len(shard._prefix):], start, stop)
-        return self.raw_tensor(raw).reshape(-1)[start:stop]
+        return shard.tensor_range(raw[len(shard._prefix):], start, stop)
 
     def close(self) -> None:
         for shard in self.shards.values():

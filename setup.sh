@@ -32,12 +32,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python"
 fi
 # The venv holds a CUDA build of torch (it runs on CPU): ~6.2 GB, and pip unpacks wheels beside it. Say so
 # up front rather than let pip fail half-way with "No space left on device".
-NEED_GB=8
-mkdir -p "$(dirname "$VENV")"
-FREE_GB=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {printf "%d", $4 / 1048576}')
-[ "$FREE_GB" -ge "$NEED_GB" ] \
-    || die "$FREE_GB GB free on the disk of $(dirname "$VENV"); the venv ($VENV) needs about $NEED_GB GB: free some space and rerun"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "could not create $VENV (is python3-venv installed?)"
+# (A venv that exists is only updated: no check.)
+if [ ! -x "$VENV/bin/python" ]; then
+    NEED_GB=8
+    mkdir -p "$(dirname "$VENV")"
+    FREE_GB=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {printf "%d", $4 / 1048576}')
+    [ "$FREE_GB" -ge "$NEED_GB" ] \
+        || die "$FREE_GB GB free on the disk of $(dirname "$VENV"); the venv ($VENV) needs about $NEED_GB GB: free some space and rerun"
+    "$PYTHON" -m venv "$VENV" || die "could not create $VENV (is python3-venv installed?)"
+fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 echo "setup.sh: installing pinned Python packages into $VENV (first time: ~5 min, fairseq builds from source)"
 "${PIP[@]}" install -U "pip>=24" setuptools wheel || die "pip could not upgrade itself"
